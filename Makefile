@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Each creates or updates .venv itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is a test-time reference only (HF logit parity); pinned so pip
+# does not pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test bench
+
+$(VENV)/.core: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) '$(TORCH)' '.[test,hf,ray,search]'
+	touch $@
+
+setup: $(VENV)/.core
+
+# Train the default model on the embedded corpus (this interpreter's standard library), then sample.
+demo: $(VENV)/.core
+	$(BIN)/python train.py --config=configs/default.py --workdir=runs/default
+	$(BIN)/python sample.py --workdir=runs/default --prompt='def parse_args(' --max_new_tokens=300 --temperature=0.7 --top_k=40
+
+# glibc.malloc.hugetlb=1: see training/hostenv.py (the CLIs set it themselves).
+test: $(VENV)/.test
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests: failing.' >&2; fi; exit $$rc

@@ -1,0 +1,82 @@
+"""Every config field with its default. Experiment files start from `base_config()`.
+
+The set of keys here is the schema: `configs.schema.validate` rejects any key not present here.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# Logical axis names used by parameter and activation annotations -> mesh axes.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('norm', None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      kind='decoder',                 # 'decoder' | 'encoder_decoder'
+      vocab_size=384,                 # byte tokenizer: 256 bytes + pad/bos/eos + sentinels
+      num_layers=4,                   # decoder-only depth
+      num_encoder_layers=0,           # encoder-decoder only
+      num_decoder_layers=0,           # encoder-decoder only
+      d_model=256,
+      num_heads=8,
+      num_kv_heads=2,                 # 1 = MQA, num_heads = MHA, else GQA
+      head_dim=config_dict.placeholder(int),   # None: d_model // num_heads
+      mlp_dim=768,
+      mlp_activation='swiglu',        # 'swiglu' | 'geglu' | 'gelu' | 'relu'
+      norm='rmsnorm',                 # 'rmsnorm' | 'layernorm'
+      norm_position='pre',            # 'pre' | 'post' (Vaswani)
+      norm_eps=1e-6,
+      positional='rope',              # 'rope' | 'sinusoidal' | 'learned'
+      rope_theta=10_000.0,
+      max_len=2048,                   # longest position the model (and its KV cache) supports
+      sliding_window=config_dict.placeholder(int),  # None: full attention
+      attention='auto',               # 'auto' | 'xla' | 'blockwise' | 'cudnn'
+      tie_embeddings=True,
+      scale_embeddings=False,         # multiply embeddings by sqrt(d_model) (Vaswani)
+      attention_bias=False,
+      mlp_bias=False,
+      init_std=0.02,
+      dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
+      param_dtype='float32',
+      scan_layers=False,
+      remat='none',                   # 'none' | 'full' | 'save_dots'
+  )
+  c.data = dict(
+      corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files'
+      files='',                       # comma-separated paths or globs when corpus='files'
+      tokenizer='byte',               # 'byte' or a path to a tokenizer.json
+      seq_len=256,
+      eval_percent=2.0,               # share of files (by path hash) held out
+      num_workers=0,                  # grain worker processes
+  )
+  c.train = dict(
+      steps=360,
+      batch_size=16,
+      grad_accum_steps=1,
+      learning_rate=3e-3,
+      min_lr_ratio=0.1,               # cosine decays to learning_rate * min_lr_ratio
+      warmup_steps=50,
+      weight_decay=0.1,               # not applied to norms and biases
+      b1=0.9,
+      b2=0.95,
+      grad_clip=1.0,
+      seed=0,
+      log_every=10,
+      eval_every=120,
+      eval_batches=16,
+      checkpoint_every=120,
+      keep_checkpoints=3,
+  )
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+  return c

@@ -1,0 +1,170 @@
+"""Config validation, overrides and comparison. All of it runs before anything is compiled.
+
+Errors are `ConfigError`s whose message names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+from configs.base import base_config
+
+ENUMS = {
+    'model.kind': ('decoder', 'encoder_decoder'),
+    'model.mlp_activation': ('swiglu', 'geglu', 'gelu', 'relu'),
+    'model.norm': ('rmsnorm', 'layernorm'),
+    'model.norm_position': ('pre', 'post'),
+    'model.positional': ('rope', 'sinusoidal', 'learned'),
+    'model.attention': ('auto', 'xla', 'blockwise', 'cudnn'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'full', 'save_dots'),
+    'data.corpus': ('stdlib', 'files'),
+}
+POSITIVE = (
+    'model.vocab_size', 'model.d_model', 'model.num_heads', 'model.num_kv_heads',
+    'model.mlp_dim', 'model.max_len', 'model.head_dim', 'model.sliding_window',
+    'data.seq_len', 'train.steps', 'train.batch_size', 'train.grad_accum_steps',
+    'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
+    'train.keep_checkpoints',
+)
+NON_NEGATIVE = ('train.warmup_steps', 'train.learning_rate', 'train.weight_decay',
+                'train.grad_clip', 'model.norm_eps', 'data.num_workers')
+# Fields that define the model's parameters: a workdir refuses to resume if these differ.
+MODEL_SHAPE_PREFIXES = ('model.',)
+MODEL_SHAPE_EXEMPT = ('model.attention', 'model.dtype', 'model.scan_layers', 'model.remat',
+                      'model.sliding_window', 'model.max_len')
+
+
+class ConfigError(ValueError):
+  """A config field has a value that is not allowed."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}. Accepts ConfigDicts and plain dicts."""
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(value, path + '.'))
+    else:
+      out[path] = value
+  return out
+
+
+def known_keys() -> list[str]:
+  return sorted(flatten(base_config().to_dict()))
+
+
+def suggest(key: str, candidates: Iterable[str]) -> str:
+  """' (did you mean `x`?)' for the closest candidate, or ''."""
+  candidates = list(candidates)
+  leaf = key.rsplit('.', 1)[-1]
+  best = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+  if not best:  # a right leaf name under the wrong section, e.g. `train.num_kv_heads`
+    by_leaf = {c.rsplit('.', 1)[-1]: c for c in candidates}
+    best = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)]
+  return f' (did you mean `{best[0]}`?)' if best else ''
+
+
+def check_keys(keys: Iterable[str], where: str = 'config') -> None:
+  known = known_keys()
+  for key in keys:
+    if key not in known:
+      raise ConfigError(f'{where}: unknown key `{key}`{suggest(key, known)}.')
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    where: str = 'overrides') -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with dotted-path `overrides` applied; unknown keys raise."""
+  check_keys(overrides, where)
+  config = ml_collections.ConfigDict(config.to_dict())
+  with config.unlocked():
+    for path, value in overrides.items():
+      *parents, leaf = path.split('.')
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def _get(config, path):
+  node = config
+  for p in path.split('.'):
+    node = node[p]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field; raises ConfigError naming the first bad field. Returns `config`."""
+  check_keys(flatten(config.to_dict()))
+  for path, allowed in ENUMS.items():
+    value = _get(config, path)
+    if value not in allowed:
+      raise ConfigError(f'{path}={value!r} is not allowed; choose one of {", ".join(allowed)}.')
+  for path in POSITIVE:
+    value = _get(config, path)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+      raise ConfigError(f'{path}={value!r}: must be a positive integer.')
+  for path in NON_NEGATIVE:
+    value = _get(config, path)
+    if not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f'{path}={value!r}: must be a number >= 0.')
+  m, d, t = config.model, config.data, config.train
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads='
+                      f'{m.num_kv_heads} (allowed num_kv_heads: '
+                      f'{", ".join(str(k) for k in range(1, m.num_heads + 1) if m.num_heads % k == 0)}).')
+  if m.head_dim is None and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads='
+                      f'{m.num_heads}; set model.head_dim explicitly.')
+  if m.positional == 'rope' and (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError('model.head_dim must be even for model.positional=rope.')
+  layers = ('num_layers',) if m.kind == 'decoder' else ('num_encoder_layers', 'num_decoder_layers')
+  for name in layers:
+    if not isinstance(m[name], int) or m[name] <= 0:
+      raise ConfigError(f'model.{name}={m[name]!r}: must be a positive integer for '
+                        f'model.kind={m.kind}.')
+  if d.seq_len > m.max_len:
+    raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}.')
+  if d.corpus == 'files' and not d.files.strip():
+    raise ConfigError("data.files is empty: give comma-separated paths or globs when "
+                      "data.corpus='files'.")
+  if not 0 < d.eval_percent < 100:
+    raise ConfigError(f'data.eval_percent={d.eval_percent}: must be in (0, 100).')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
+                      f'train.grad_accum_steps={t.grad_accum_steps}.')
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise ConfigError(f'train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size <= 0 and size != -1):
+      raise ConfigError(f'mesh.{axis}={size!r}: must be a positive integer or -1 (the rest).')
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of `to_json`; missing keys (older workdirs) take the base defaults."""
+  loaded = flatten(json.loads(text))
+  if 'mesh.rules' in loaded:  # JSON turned the rule tuples into lists
+    loaded['mesh.rules'] = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                                 for name, axes in loaded['mesh.rules'])
+  return apply_overrides(base_config(), loaded, where='saved config')
+
+
+def shape_differences(saved: ml_collections.ConfigDict,
+                      new: ml_collections.ConfigDict) -> list[str]:
+  """Model fields that differ between two configs: 'model.d_model: 256 (saved) != 512'."""
+  a, b = flatten(saved.to_dict()), flatten(new.to_dict())
+  return [f'{k}: {a.get(k)!r} (saved) != {b.get(k)!r}' for k in sorted(set(a) | set(b))
+          if k.startswith(MODEL_SHAPE_PREFIXES) and k not in MODEL_SHAPE_EXEMPT
+          and a.get(k) != b.get(k)]

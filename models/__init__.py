@@ -1,0 +1,17 @@
+"""Model definitions (pure: no IO). `build_model(config, rngs)` picks one by `model.kind`."""
+from __future__ import annotations
+
+import ml_collections
+from flax import nnx
+
+from models.decoder import DecoderLM
+
+MODELS = {'decoder': DecoderLM}
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The model named by `config.model.kind`, initialised from `rngs`."""
+  kind = config.model.kind
+  if kind not in MODELS:
+    raise ValueError(f'model.kind={kind!r} is not available; choose one of {", ".join(MODELS)}.')
+  return MODELS[kind](config.model, rngs)

@@ -1,0 +1,198 @@
+"""Building blocks shared by every model: projections, norms, MLPs, embeddings, attention.
+
+Parameters carry logical axis names (`out_sharding` metadata, e.g. ('embed', 'mlp')) that
+`training/mesh.py` maps to mesh axes; modules never see the mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import positional
+from models.attention import dot_product_attention
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def make_param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None],
+               std: float | None, dtype) -> nnx.Param:
+  """A parameter: normal(std) when std is given, else ones. Annotated with logical axes."""
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Projection(nnx.Module):
+  """y = x . W (+ b), contracting x's trailing `in_shape` dims. W: [*in_shape, *out_shape]."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+               axes: Sequence[str | None], *, use_bias: bool, std: float, dtype: str,
+               param_dtype: str, rngs: nnx.Rngs):
+    self.n_in = len(in_shape)
+    self.dtype = dtype_of(dtype)
+    pdt = dtype_of(param_dtype)
+    self.kernel = make_param(rngs, (*in_shape, *out_shape), axes, std, pdt)
+    self.bias = (nnx.Param(jnp.zeros(tuple(out_shape), pdt), out_sharding=tuple(axes[self.n_in:]),
+                           eager_sharding=False) if use_bias else None)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.kernel[...].astype(self.dtype)
+    in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
+    lead = x.shape[:x.ndim - self.n_in]
+    # A plain 2-D matmul: XLA:CPU handles it far better than a multi-dim contraction.
+    y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(
+        math.prod(in_shape), math.prod(out_shape))
+    y = y.reshape(*lead, *out_shape)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """RMSNorm (scale only) or LayerNorm (scale and bias); statistics in fp32."""
+
+  def __init__(self, dim: int, kind: str, eps: float, param_dtype: str):
+    self.kind, self.eps = kind, eps
+    self.scale = make_param(None, (dim,), ('norm',), None, dtype_of(param_dtype))
+    self.bias = (nnx.Param(jnp.zeros((dim,), dtype_of(param_dtype)), out_sharding=('norm',),
+                           eager_sharding=False) if kind == 'layernorm' else None)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    xf = x.astype(jnp.float32)
+    if self.kind == 'layernorm':
+      xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def make_norm(cfg) -> Norm:
+  return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.param_dtype)
+
+
+ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu, 'gelu': jax.nn.gelu,
+               'relu': jax.nn.relu}
+GATED = ('swiglu', 'geglu')
+
+
+class Mlp(nnx.Module):
+  """Feed-forward block: act(x W_gate) * (x W_up) -> W_down when gated, else act(x W_up) W_down."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    kw = dict(use_bias=cfg.mlp_bias, std=cfg.init_std, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.act = ACTIVATIONS[cfg.mlp_activation]
+    self.gate = (Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
+                 if cfg.mlp_activation in GATED else None)
+    self.up = Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
+    self.down = Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp', 'embed'), **kw)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = self.up(x)
+    h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+    return self.down(h)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, D]; `attend` gives fp32 logits against the same table (tying)."""
+
+  def __init__(self, vocab_size: int, dim: int, *, std: float, dtype: str, param_dtype: str,
+               rngs: nnx.Rngs, axes=('vocab', 'embed')):
+    self.dtype = dtype_of(dtype)
+    self.embedding = make_param(rngs, (vocab_size, dim), axes, std, dtype_of(param_dtype))
+
+  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum('btd,vd->btv', x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def head_dim_of(cfg) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped K/V heads (MHA: K = N, GQA: 1 < K < N, MQA: K = 1).
+
+  Self-attention when `context` is None (RoPE applied to q and k when configured), else cross
+  attention over `context` [B, S, D] (no rotary positions).
+  """
+
+  def __init__(self, cfg, rngs: nnx.Rngs, *, rope: bool, sliding_window: int | None = None):
+    h = head_dim_of(cfg)
+    kw = dict(use_bias=cfg.attention_bias, std=cfg.init_std, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+    self.rope, self.rope_theta = rope, cfg.rope_theta
+    self.sliding_window = sliding_window
+    self.implementation = None if cfg.attention == 'auto' else cfg.attention
+    self.q = Projection((cfg.d_model,), (cfg.num_heads, h), ('embed', 'heads', 'head_dim'), **kw)
+    self.k = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
+                        **kw)
+    self.v = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
+                        **kw)
+    self.o = Projection((cfg.num_heads, h), (cfg.d_model,), ('heads', 'head_dim', 'embed'), **kw)
+
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None,
+               context: jnp.ndarray | None = None, context_mask: jnp.ndarray | None = None,
+               causal: bool = True, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x: [B, T, D]; positions: [B, T]; segment_ids: [B, T] (packed sequences).
+
+    context: [B, S, D] for cross attention with context_mask [B, S] (True = real token).
+    mask: extra boolean [B|1, 1, T, T] self-attention mask (e.g. encoder padding).
+    """
+    q = self.q(x)
+    kv_in = x if context is None else context
+    k, v = self.k(kv_in), self.v(kv_in)
+    if context is None:
+      if self.rope:
+        q = positional.apply_rope(q, positions, self.rope_theta)
+        k = positional.apply_rope(k, positions, self.rope_theta)
+      window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+      out = dot_product_attention(
+          q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+          query_positions=positions, key_positions=positions, query_segment_ids=segment_ids,
+          key_segment_ids=segment_ids, implementation=self.implementation)
+    else:
+      cross_mask = None if context_mask is None else context_mask[:, None, None, :]
+      out = dot_product_attention(q, k, v, mask=cross_mask, implementation=self.implementation)
+    return self.o(out)
+
+
+class Block(nnx.Module):
+  """Transformer block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs, *, sliding_window: int | None = None,
+               cross_attention: bool = False):
+    self.pre_norm = cfg.norm_position == 'pre'
+    self.attn_norm = make_norm(cfg)
+    self.attn = Attention(cfg, rngs, rope=cfg.positional == 'rope', sliding_window=sliding_window)
+    self.cross_norm = make_norm(cfg) if cross_attention else None
+    self.cross_attn = Attention(cfg, rngs, rope=False) if cross_attention else None
+    self.mlp_norm = make_norm(cfg)
+    self.mlp = Mlp(cfg, rngs)
+
+  def _residual(self, x, norm, fn):
+    return x + fn(norm(x)) if self.pre_norm else norm(x + fn(x))
+
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
+               mask=None, context=None, context_mask=None) -> jnp.ndarray:
+    """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention."""
+    x = self._residual(x, self.attn_norm, lambda h: self.attn(
+        h, positions, segment_ids=segment_ids, causal=causal, mask=mask))
+    if self.cross_attn is not None:
+      x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
+          h, positions, context=context, context_mask=context_mask))
+    return self._residual(x, self.mlp_norm, self.mlp)

@@ -1,0 +1,1 @@
+"""Generation: sampling rules, the reference (full-recompute) generator, loading workdirs."""

@@ -1,0 +1,1 @@
+"""Everything around the model at train time: data, optimizer, mesh, checkpoints, the loop."""

@@ -1,0 +1,195 @@
+"""Init, train_step, eval_step and the loop. Steps are pure functions of (state, batch) under jit.
+
+The train state is a dict pytree {'step', 'params', 'opt_state'}; `params` is the model's
+`nnx.State` of Params, re-attached to the static graphdef inside the step with `nnx.merge`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import schema
+from models import build_model
+from training import checkpoint as ckpt_lib
+from training import data as data_lib
+from training import mesh as mesh_lib
+from training import optim
+from training.metrics import MetricsLogger
+from training.tokenizer import make_tokenizer
+
+
+def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray):
+  """Weighted token cross entropy: (sum of losses, sum of weights). logits [B, T, V] fp32."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def model_loss(model: nnx.Module, batch: dict):
+  """(sum of losses, sum of weights) of a batch; encoder-decoder batches carry 'sources'."""
+  if 'sources' in batch:
+    logits = model(batch['sources'], batch['inputs'])
+  else:
+    logits = model(batch['inputs'])
+  return cross_entropy(logits, batch['targets'], batch['weights'])
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
+  """(state, batch) -> (state, metrics). The loss is the mean over all weighted tokens of the
+  batch, also when it is split into `grad_accum_steps` micro-batches."""
+
+  def loss_and_grads(params, batch):
+    fn = lambda p: model_loss(nnx.merge(graphdef, p), batch)
+    (loss_sum, weight_sum), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    return loss_sum, weight_sum, grads
+
+  def train_step(state, batch):
+    params = state['params']
+    if grad_accum_steps == 1:
+      loss_sum, weight_sum, grads = loss_and_grads(params, batch)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          batch)
+
+      def accumulate(carry, mb):
+        l, w, g = loss_and_grads(params, mb)
+        return jax.tree.map(jnp.add, carry, (l, w, g)), None
+
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+      (loss_sum, weight_sum, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / weight_sum, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
+                 'opt_state': opt_state}
+    return new_state, {'loss': loss_sum / weight_sum, 'grad_norm': optax.global_norm(grads)}
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """(params, batch) -> (sum of losses, sum of weights)."""
+  return lambda params, batch: model_loss(nnx.merge(graphdef, params), batch)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run needs besides its data: the model's graphdef, jitted steps and shardings."""
+  config: object
+  mesh: jax.sharding.Mesh
+  graphdef: object
+  abstract_state: dict
+  state_shardings: dict
+  init_state: callable
+  train_step: callable
+  eval_step: callable
+  schedule: callable
+
+
+def setup(config, devices=None) -> Setup:
+  """Builds the mesh, the abstract (sharded) train state and the jitted steps; compiles nothing."""
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  rules = mesh_lib.rules_of(config.mesh)
+  tx = optim.make_optimizer(config.train)
+
+  def create_state():
+    model = build_model(config, nnx.Rngs(config.train.seed))
+    params = nnx.state(model, nnx.Param)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
+  abstract = jax.eval_shape(create_state)
+  shardings = mesh_lib.state_shardings(abstract, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  train_step = jax.jit(make_train_step(graphdef, tx, config.train.grad_accum_steps),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], batch_sh),
+                      out_shardings=rep)
+  return Setup(config, mesh, graphdef, abstract, shardings,
+               jax.jit(create_state, out_shardings=shardings), train_step, eval_step,
+               optim.learning_rate_schedule(config.train))
+
+
+def evaluate(s: Setup, params, batches: list) -> float:
+  """Mean held-out loss (nats/token) over fixed batches."""
+  total, weight = 0.0, 0.0
+  for batch in batches:
+    loss_sum, weight_sum = s.eval_step(params, mesh_lib.put_batch(mesh_lib.process_rows(batch),
+                                                                  s.mesh))
+    total, weight = total + float(loss_sum), weight + float(weight_sum)
+  return total / max(weight, 1.0)
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
+
+  stop_after: leave after this global step (checkpointed) without finishing the schedule.
+  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy'}.
+  """
+  schema.validate(config)
+  t = config.train
+  resume = ckpt_lib.check_resume(workdir, config)
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise schema.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                             f'tokenizer vocabulary ({tokenizer.vocab_size}).')
+  corpus = data_lib.load_corpus(config.data, tokenizer)
+  s = setup(config)
+  ckpt_lib.write_config(workdir, config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+  data_iter = iter(data_lib.train_dataset(
+      corpus.train, config.data.seq_len, t.batch_size, t.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers))
+  if resume and checkpointer.latest_step() is not None:
+    state = checkpointer.restore(s.abstract_state, data_iter)
+  else:
+    state = s.init_state()
+  start = int(state['step'])
+  end = t.steps if stop_after is None else min(t.steps, stop_after)
+  eval_set = data_lib.eval_batches(corpus.eval, config.data.seq_len, t.batch_size, t.eval_batches)
+  logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0)
+  if start:
+    logger.print(f'Resuming {workdir} from step {start}.')
+  tokens_per_step = t.batch_size * config.data.seq_len
+  last_time, last_step, metrics, eval_loss = time.time(), start, None, None
+  for step in range(start + 1, end + 1):
+    batch = mesh_lib.put_batch(next(data_iter), s.mesh)
+    state, metrics = s.train_step(state, batch)
+    if step == start + 1:  # throughput excludes compilation
+      jax.block_until_ready(metrics)
+      last_time, last_step = time.time(), step
+    if step % t.log_every == 0 or step == end:
+      metrics, now = jax.device_get(metrics), time.time()
+      line = {**metrics, 'learning_rate': s.schedule(step - 1)}
+      if step > last_step:
+        line['tokens_per_sec'] = tokens_per_step * (step - last_step) / (now - last_time)
+      logger.write(step, line)
+      last_time, last_step = now, step
+    if step % t.eval_every == 0 or step == t.steps:
+      eval_loss = evaluate(s, state['params'], eval_set)
+      logger.write(step, {'eval_loss': eval_loss})
+      last_time = time.time()  # evaluation time is not training throughput
+    if step % t.checkpoint_every == 0 or step == end:
+      checkpointer.save(step, state, data_iter)
+    logger.advance(step)
+  checkpointer.close()
+  logger.close()
+  result = {'step': int(state['step']), 'loss': None if metrics is None else float(metrics['loss']),
+            'eval_loss': eval_loss, 'unigram_entropy': data_lib.unigram_entropy(corpus.eval)}
+  if int(state['step']) == t.steps and jax.process_index() == 0:
+    if eval_loss is None:
+      eval_loss = result['eval_loss'] = evaluate(s, state['params'], eval_set)
+    unit = 'nats/byte' if tokenizer.name == 'byte' else 'nats/token'
+    print(f'Held-out loss {eval_loss:.4f} {unit}; unigram baseline of the same split '
+          f'{result["unigram_entropy"]:.4f} {unit} (ratio {eval_loss / result["unigram_entropy"]:.2f}).')
+  return result

@@ -1,0 +1,81 @@
+"""The device mesh from `config.mesh`, and shardings from logical axis names.
+
+Modules annotate parameters with logical names ('embed', 'mlp', ...); `config.mesh.rules` maps
+those to mesh axes ('data', 'fsdp', 'tensor'). Batches are split over data x fsdp.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs.schema import ConfigError
+
+AXES = ('data', 'fsdp', 'tensor')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves -1 ("the rest of the devices") and checks the product equals `num_devices`."""
+  sizes = [mesh_cfg[a] for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ConfigError(f'mesh: at most one axis may be -1; got {dict(zip(AXES, sizes))}.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f'mesh: {dict(zip(AXES, sizes))} cannot fill {num_devices} devices '
+                        f'({num_devices} is not divisible by {known}).')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f'mesh: data*fsdp*tensor = {math.prod(sizes)} '
+                      f'({dict(zip(AXES, sizes))}) but there are {num_devices} devices.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def rules_of(mesh_cfg) -> tuple:
+  rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in mesh_cfg.rules)
+  for name, axes in rules:
+    for ax in (axes if isinstance(axes, tuple) else (axes,)):
+      if ax is not None and ax not in AXES:
+        raise ConfigError(f'mesh.rules: logical axis {name!r} maps to unknown mesh axis {ax!r}; '
+                          f'mesh axes are {", ".join(AXES)}.')
+  return rules
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules) -> object:
+  """NamedShardings for a pytree of nnx Variables (annotated) and plain arrays (replicated)."""
+  with nnx.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs,
+                      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Assembles a global batch from this process's rows (equal to the whole batch on one host)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def process_rows(batch: dict) -> dict:
+  """This process's contiguous block of the rows of a global batch."""
+  n, i = jax.process_count(), jax.process_index()
+  return {k: v[len(v) // n * i:len(v) // n * (i + 1)] for k, v in batch.items()}
