@@ -124,6 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'{m.num_heads}; set model.head_dim explicitly.')
   if m.positional == 'rope' and (m.head_dim or m.d_model // m.num_heads) % 2:
     raise ConfigError('model.head_dim must be even for model.positional=rope.')
+  if m.positional == 'sinusoidal' and m.d_model % 2:
+    raise ConfigError(f'model.d_model={m.d_model} must be even for model.positional=sinusoidal.')
   layers = ('num_layers',) if m.kind == 'decoder' else ('num_encoder_layers', 'num_decoder_layers')
   for name in layers:
     if not isinstance(m[name], int) or m[name] <= 0:
@@ -139,6 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
                       f'train.grad_accum_steps={t.grad_accum_steps}.')
+  if t.warmup_steps >= t.steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be smaller than '
+                      f'train.steps={t.steps}.')
   if not 0 <= t.min_lr_ratio <= 1:
     raise ConfigError(f'train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].')
   for axis in ('data', 'fsdp', 'tensor'):

@@ -1,11 +1,16 @@
 """Shared test set-up: the repository root on sys.path, small deterministic configs."""
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 os.environ.setdefault('LMX_NO_REEXEC', '1')  # subprocess CLIs inherit the test's environment
+# Many tests compile the same tiny programs: share compilations across tests and subprocesses.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'lmx-jax-cache-{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import pytest  # noqa: E402
 

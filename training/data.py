@@ -66,8 +66,24 @@ def _read(path: str) -> bytes:
 
 
 def load_corpus(data_cfg, tokenizer: Tokenizer) -> Corpus:
-  """Reads, tokenizes and splits the configured corpus. Raises DataError on unusable data."""
+  """Reads, tokenizes and splits the configured corpus. Raises DataError on unusable data.
+
+  Cached per process (sweeps and tests train many models on one corpus); the key includes
+  every file's size and modification time.
+  """
   files = corpus_files(data_cfg)
+  stats = tuple((p, n, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p, n in files)
+  key = (stats, data_cfg.eval_percent, data_cfg.seq_len, data_cfg.corpus, tokenizer.name)
+  if key not in _CACHE:
+    _CACHE.clear()  # keep one corpus in memory
+    _CACHE[key] = _load(files, data_cfg, tokenizer)
+  return _CACHE[key]
+
+
+_CACHE: dict = {}
+
+
+def _load(files, data_cfg, tokenizer: Tokenizer) -> Corpus:
   parts = {'train': [], 'eval': []}
   for path, name in files:
     ids = tokenizer.encode(_read(path))

@@ -12,9 +12,16 @@ def learning_rate_schedule(t) -> optax.Schedule:
       decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * t.min_lr_ratio)
 
 
+DECAYED = ('kernel', 'embedding')
+
+
 def decay_mask(params):
-  """Weight decay on matrices (kernels, embeddings) only: not on norm scales or biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on kernels and embeddings only: not on norm scales or biases (whose shape,
+  e.g. a [K, H] attention bias, can be a matrix too)."""
+  def decayed(path, _):
+    names = {str(getattr(k, 'key', getattr(k, 'name', k))) for k in path}
+    return bool(names & set(DECAYED))
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(t) -> optax.GradientTransformation:

@@ -8,6 +8,7 @@ import numpy as np
 
 
 class Tokenizer(Protocol):
+  name: str             # 'byte' or the tokenizer.json path
   vocab_size: int
   pad_id: int
   bos_id: int

@@ -1,0 +1,33 @@
+"""The README's workflow through the real CLIs: train, rerun (resume), sample."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.slow
+def test_train_resume_and_sample(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = run('train.py', '--config=configs/default.py:tiny', f'--workdir={workdir}',
+              '--config.train.steps=12', '--config.train.checkpoint_every=6')
+  assert first.returncode == 0, first.stderr
+  assert 'Held-out loss' in first.stdout and 'unigram baseline' in first.stdout
+  longer = run('train.py', '--config=configs/default.py:tiny', f'--workdir={workdir}',
+               '--config.train.steps=16', '--config.train.checkpoint_every=6')
+  assert longer.returncode == 0, longer.stderr
+  assert f'Resuming {workdir} from step 12' in longer.stdout + longer.stderr
+  with open(f'{workdir}/metrics.jsonl') as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == sorted(steps) and steps[-1] == 16
+  sample = run('sample.py', f'--workdir={workdir}', '--prompt=import o', '--max_new_tokens=20',
+               '--num_samples=2', '--seed=1')
+  assert sample.returncode == 0, sample.stderr
+  assert sample.stdout.count('import o') == 2
