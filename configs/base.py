@@ -39,12 +39,20 @@ def base_config() -> ml_collections.ConfigDict:
       norm_eps=1e-6,
       positional='rope',              # 'rope' | 'sinusoidal' | 'learned'
       rope_theta=10_000.0,
+      rope_scaling=dict(              # RoPE frequency rescaling for longer contexts
+          kind='none',                # 'none' | 'linear' | 'llama3'
+          factor=1.0,                 # 'linear' and 'llama3': frequencies / factor
+          low_freq_factor=1.0,        # 'llama3' only: band edges original_max_len / these
+          high_freq_factor=4.0,
+          original_max_len=8192,      # 'llama3' only: the pre-training context length
+      ),
       max_len=2048,                   # longest position the model (and its KV cache) supports
       sliding_window=config_dict.placeholder(int),  # None: full attention
       attention='auto',               # 'auto' | 'xla' | 'blockwise' | 'cudnn'
       tie_embeddings=True,
       scale_embeddings=False,         # multiply embeddings by sqrt(d_model) (Vaswani)
-      attention_bias=False,
+      attention_bias=False,           # bias on the q/k/v projections (and o, unless set below)
+      attention_out_bias=config_dict.placeholder(bool),  # None: same as attention_bias (Qwen2: False)
       mlp_bias=False,
       init_std=0.02,
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'

@@ -22,6 +22,7 @@ ENUMS = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'save_dots'),
+    'model.rope_scaling.kind': ('none', 'linear', 'llama3'),
     'data.corpus': ('stdlib', 'files'),
 }
 POSITIVE = (
@@ -99,6 +100,24 @@ def _get(config, path):
   return node
 
 
+def _check_rope_scaling(m) -> None:
+  r = m.rope_scaling
+  if r.kind == 'none':
+    return
+  if m.positional != 'rope':
+    raise ConfigError(f'model.rope_scaling.kind={r.kind!r} needs model.positional=rope '
+                      f'(it is {m.positional!r}).')
+  if not isinstance(r.factor, (int, float)) or r.factor <= 0:
+    raise ConfigError(f'model.rope_scaling.factor={r.factor!r}: must be a number > 0.')
+  if r.kind == 'llama3':
+    if not 0 < r.low_freq_factor < r.high_freq_factor:
+      raise ConfigError(f'model.rope_scaling: need 0 < low_freq_factor < high_freq_factor; got '
+                        f'{r.low_freq_factor!r} and {r.high_freq_factor!r}.')
+    if not isinstance(r.original_max_len, int) or r.original_max_len <= 0:
+      raise ConfigError(f'model.rope_scaling.original_max_len={r.original_max_len!r}: must be a '
+                        'positive integer.')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; raises ConfigError naming the first bad field. Returns `config`."""
   check_keys(flatten(config.to_dict()))
@@ -126,6 +145,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError('model.head_dim must be even for model.positional=rope.')
   if m.positional == 'sinusoidal' and m.d_model % 2:
     raise ConfigError(f'model.d_model={m.d_model} must be even for model.positional=sinusoidal.')
+  _check_rope_scaling(m)
+  if m.attention_out_bias not in (None, True, False):
+    raise ConfigError(f'model.attention_out_bias={m.attention_out_bias!r}: must be true, false or '
+                      'None (None: the same as model.attention_bias).')
   layers = ('num_layers',) if m.kind == 'decoder' else ('num_encoder_layers', 'num_decoder_layers')
   for name in layers:
     if not isinstance(m[name], int) or m[name] <= 0:

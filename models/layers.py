@@ -136,6 +136,7 @@ class Attention(nnx.Module):
               param_dtype=cfg.param_dtype, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
     self.rope, self.rope_theta = rope, cfg.rope_theta
+    self.rope_scaling = positional.RopeScaling.from_config(cfg.get('rope_scaling'))
     self.sliding_window = sliding_window
     self.implementation = None if cfg.attention == 'auto' else cfg.attention
     self.q = Projection((cfg.d_model,), (cfg.num_heads, h), ('embed', 'heads', 'head_dim'), **kw)
@@ -143,7 +144,9 @@ class Attention(nnx.Module):
                         **kw)
     self.v = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
                         **kw)
-    self.o = Projection((cfg.num_heads, h), (cfg.d_model,), ('heads', 'head_dim', 'embed'), **kw)
+    out_bias = cfg.get('attention_out_bias')
+    self.o = Projection((cfg.num_heads, h), (cfg.d_model,), ('heads', 'head_dim', 'embed'),
+                        **dict(kw, use_bias=cfg.attention_bias if out_bias is None else out_bias))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None,
                context: jnp.ndarray | None = None, context_mask: jnp.ndarray | None = None,
@@ -158,8 +161,8 @@ class Attention(nnx.Module):
     k, v = self.k(kv_in), self.v(kv_in)
     if context is None:
       if self.rope:
-        q = positional.apply_rope(q, positions, self.rope_theta)
-        k = positional.apply_rope(k, positions, self.rope_theta)
+        q = positional.apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
+        k = positional.apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
       window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
       out = dot_product_attention(
           q, k, v, mask=mask, is_causal=causal, local_window_size=window,
