@@ -80,10 +80,12 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
-    """Restores into the shapes/shardings of `abstract_state`; `data_iter` is updated in place."""
+    """Restores into the shapes/shardings of `abstract_state`; `data_iter` is updated in place
+    when the checkpoint holds its position (an imported model's step-0 checkpoint does not:
+    the data then starts from the beginning)."""
     step = self.latest_step() if step is None else step
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
+    if data_iter is not None and 'data' in self.manager.item_metadata(step):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 

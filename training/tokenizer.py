@@ -1,6 +1,7 @@
 """Tokenizers: the default byte-level one, and any Hugging Face `tokenizer.json` file."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Protocol
 
@@ -73,6 +74,23 @@ class HFTokenizer:
                             skip_special_tokens=True)
 
 
+def special_tokens(path: str) -> dict:
+  """bos/eos/pad token strings from the `tokenizer_config.json` beside a tokenizer.json, if any
+  (Hugging Face keeps them there, as strings or {'content': ...} dicts)."""
+  config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  if not os.path.isfile(config_path):
+    return {}
+  with open(config_path) as f:
+    config = json.load(f)
+  out = {}
+  for name in ('bos_token', 'eos_token', 'pad_token'):
+    value = config.get(name)
+    value = value.get('content') if isinstance(value, dict) else value
+    if isinstance(value, str):
+      out[name] = value
+  return out
+
+
 def make_tokenizer(spec: str) -> Tokenizer:
   """`data.tokenizer`: 'byte' or a path to a tokenizer.json file."""
   if spec == 'byte':
@@ -80,4 +98,4 @@ def make_tokenizer(spec: str) -> Tokenizer:
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file (use 'byte' or a path to a "
                             'tokenizer.json).')
-  return HFTokenizer(spec)
+  return HFTokenizer(spec, **special_tokens(spec))
