@@ -1,0 +1,134 @@
+"""Hugging Face checkpoint folder <-> training workdir.
+
+Both directions check everything (config, tensor names, shapes, dtypes, tokenizer, the target
+folder) before writing, then write into a temporary sibling folder that is renamed into place,
+so a bad input or an interrupted run leaves the target untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import schema
+from interop import hf_config, hf_params, hf_tokenizer
+from interop.hf_config import InteropError
+from sampling.load import load_workdir
+from training import checkpoint as ckpt_lib
+from training import loop, optim
+
+# A pre-trained model wants a gentle fine-tune, not the from-scratch defaults of base_config().
+FINETUNE_DEFAULTS = {'train.learning_rate': 1e-5, 'train.warmup_steps': 10, 'train.steps': 100,
+                     'train.weight_decay': 0.0, 'train.eval_every': 50,
+                     'train.checkpoint_every': 50}
+
+
+def _check_dtypes(dtype: str, param_dtype: str) -> None:
+  for name, value in (('model.dtype', dtype), ('model.param_dtype', param_dtype)):
+    if value not in schema.ENUMS[name]:
+      raise InteropError(f'--{name.split(".")[1]}={value!r}: choose one of '
+                         f'{", ".join(schema.ENUMS[name])}.')
+
+
+def _check_target(path: str, flag: str) -> None:
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise InteropError(f'{flag}={path} exists and is not empty; refusing to overwrite it. Give a '
+                       'new folder.')
+
+
+@contextlib.contextmanager
+def _staged(target: str):
+  """Yields a temporary sibling folder that becomes `target` only when the block succeeds."""
+  target = os.path.abspath(target)
+  tmp = f'{target}.partial-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.isdir(target):
+      os.rmdir(target)  # empty (checked before)
+    os.rename(tmp, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
+              param_dtype: str = 'float32') -> object:
+  """Turns a Hugging Face folder into a workdir that train.py and sample.py use; returns its
+  config. The workdir holds config.json, the tokenizer files and an orbax checkpoint at step 0
+  (imported params, a fresh optimizer state)."""
+  _check_dtypes(dtype, param_dtype)
+  hf = hf_config.read_hf_config(hf_dir)
+  family = hf_config.family_of(hf)
+  tok_files = hf_tokenizer.tokenizer_files(hf_dir)
+  _check_target(workdir, '--workdir')
+  final = os.path.abspath(workdir)
+  overrides = {**FINETUNE_DEFAULTS, 'model.dtype': dtype, 'model.param_dtype': param_dtype}
+  if tok_files:
+    overrides['data.tokenizer'] = os.path.join(final, hf_tokenizer.TOKENIZER_JSON)
+  config = hf_config.to_config(hf, family, overrides)
+  if tok_files:
+    tok = hf_tokenizer.tokenizers.Tokenizer.from_file(tok_files[0])
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > config.model.vocab_size:
+      raise InteropError(f'{tok_files[0]}: {size} tokens, more than config.json vocab_size='
+                         f'{config.model.vocab_size}.')
+  else:
+    print(f'warning: {hf_dir} has no tokenizer.json; the workdir uses data.tokenizer=byte.')
+  folder = hf_params.SafetensorsFolder(hf_dir)
+  s = loop.setup(config)
+  abstract = s.abstract_state['params']
+  specs = hf_params.tensor_specs(abstract)
+  folder.check(specs, tied=config.model.tie_embeddings)
+
+  shardings = {hf_params.path_name(p): a.sharding
+               for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  values = {spec.ours: jax.device_put(array, shardings[spec.ours])
+            for spec, array in folder.read(specs, np.dtype(param_dtype))}
+  params = jax.tree_util.tree_map_with_path(lambda p, _: values[hf_params.path_name(p)],
+                                            abstract)
+  tx = optim.make_optimizer(config.train)
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step']),
+           'params': params,
+           'opt_state': jax.jit(tx.init, out_shardings=s.state_shardings['opt_state'])(params)}
+  with _staged(workdir) as tmp:
+    ckpt_lib.write_config(tmp, config)
+    hf_tokenizer.copy_files(tok_files, tmp)
+    checkpointer = ckpt_lib.Checkpointer(tmp, keep=config.train.keep_checkpoints)
+    checkpointer.save(0, state)
+    checkpointer.close()
+  return config
+
+
+def export_hf(workdir: str, out: str, *, dtype: str | None = None,
+              max_shard_size: str = '5GB') -> dict:
+  """Writes the workdir's latest parameters as a Hugging Face folder (safetensors, config.json,
+  tokenizer files) that transformers' AutoModelForCausalLM loads; returns the config.json dict."""
+  max_bytes = hf_params.parse_size(max_shard_size)
+  config = ckpt_lib.load_config(workdir)
+  family = hf_config.family_for(config.model)
+  _check_target(out, '--to_hf')
+  dtype = dtype or config.model.param_dtype
+  if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise InteropError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
+  loaded = load_workdir(workdir)
+  specs = hf_params.tensor_specs(loaded.params)
+  flat = {hf_params.path_name(p): leaf
+          for p, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)}
+  tensors = {s.hf: s.to_hf(np.asarray(jax.device_get(flat[s.ours])).astype(jnp.dtype(dtype)))
+             for s in specs}
+  tok = loaded.tokenizer
+  ids = {f'{k}_id': (i if i >= 0 else None)
+         for k, i in (('bos', tok.bos_id), ('eos', tok.eos_id), ('pad', tok.pad_id))}
+  hf = hf_config.from_config(config, family, dtype=dtype, **ids)
+  with _staged(out) as tmp:
+    hf_params.write_safetensors(tensors, tmp, max_bytes)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf, f, indent=2)
+    hf_tokenizer.export_files(config.data.tokenizer, tok, tmp)
+  return hf

@@ -1,0 +1,54 @@
+"""Hugging Face checkpoints in and out.
+
+  python -m interop.hf --from_hf=HF_DIR --workdir=DIR   # Llama / Mistral / Qwen2 -> workdir
+  python -m interop.hf --workdir=DIR --to_hf=OUT        # workdir -> transformers folder
+
+The imported workdir samples (`sample.py --workdir=DIR`) and fine-tunes
+(`train.py --config=configs/finetune.py:DIR --workdir=DIR`).
+"""
+from training import hostenv
+
+hostenv.ensure_fast_malloc()
+
+from absl import app, flags, logging  # noqa: E402
+
+from interop.convert import export_hf, import_hf  # noqa: E402
+from interop.hf_config import InteropError  # noqa: E402
+from training.checkpoint import WorkdirError  # noqa: E402
+
+_FROM_HF = flags.DEFINE_string('from_hf', None, 'A Hugging Face folder (config.json, '
+                               'safetensors, tokenizer.json) to import into --workdir.')
+_TO_HF = flags.DEFINE_string('to_hf', None, 'Export --workdir to this new folder.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir to create (import) or read (export).',
+                               required=True)
+_DTYPE = flags.DEFINE_string('dtype', None, 'Import: compute dtype (default float32). Export: '
+                             'tensor dtype (default: the workdir\'s model.param_dtype).')
+_PARAM_DTYPE = flags.DEFINE_string('param_dtype', 'float32', 'Import: parameter dtype.')
+_MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB', 'Export: largest safetensors shard.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if (_FROM_HF.value is None) == (_TO_HF.value is None):
+    raise SystemExit('error: give exactly one of --from_hf=HF_DIR (import) or --to_hf=OUT '
+                     '(export).')
+  try:
+    if _FROM_HF.value is not None:
+      config = import_hf(_FROM_HF.value, _WORKDIR.value, dtype=_DTYPE.value or 'float32',
+                         param_dtype=_PARAM_DTYPE.value)
+      m = config.model
+      print(f'Imported {_FROM_HF.value} into {_WORKDIR.value}: {m.num_layers} layers, '
+            f'd_model={m.d_model}, vocab {m.vocab_size}, tokenizer {config.data.tokenizer}.')
+    else:
+      hf = export_hf(_WORKDIR.value, _TO_HF.value, dtype=_DTYPE.value,
+                     max_shard_size=_MAX_SHARD.value)
+      print(f'Exported {_WORKDIR.value} to {_TO_HF.value} as {hf["architectures"][0]}.')
+  except (InteropError, WorkdirError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,100 @@
+"""Tokenizer files in and out of Hugging Face folders, through the `tokenizers` library.
+
+In: `tokenizer.json` (and `tokenizer_config.json`, which names the special tokens) is checked
+and copied into the workdir; `data.tokenizer` points at the copy. Out: the workdir's file, or for
+our byte tokenizer an equivalent `tokenizer.json` (byte b -> id b, then <pad>, <bos>, <eos> and
+the sentinels) so transformers' tokenizers give exactly our ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from interop.hf_config import InteropError
+from training.tokenizer import ByteTokenizer, Tokenizer
+
+TOKENIZER_JSON = 'tokenizer.json'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+
+
+def tokenizer_files(folder: str) -> list[str]:
+  """The tokenizer files of `folder` worth carrying, checked: [] when it has no tokenizer.json."""
+  path = os.path.join(folder, TOKENIZER_JSON)
+  if not os.path.isfile(path):
+    return []
+  try:
+    tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception on bad files
+    raise InteropError(f'{path}: the tokenizers library cannot load it ({e}).') from None
+  files = [path]
+  config_path = os.path.join(folder, TOKENIZER_CONFIG)
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      raise InteropError(f'{config_path}: not valid JSON ({e}).') from None
+    files.append(config_path)
+  return files
+
+
+def copy_files(files: list[str], folder: str) -> None:
+  for path in files:
+    shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's printable stand-in character for every byte: the alphabet of tokenizers'
+  ByteLevel pre-tokenizer and decoder."""
+  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
+               + list(range(ord('®'), ord('ÿ') + 1)))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return chars
+
+
+def byte_tokenizer_json(tok: ByteTokenizer) -> str:
+  """A tokenizer.json whose ids equal `ByteTokenizer`'s: no merges, so every byte is a token."""
+  vocab = {c: b for b, c in bytes_to_unicode().items()}
+  specials = {tok.pad_id: '<pad>', tok.bos_id: '<bos>', tok.eos_id: '<eos>'}
+  specials.update({tok.sentinel(i): f'<extra_id_{i}>' for i in range(tok.num_sentinels)})
+  vocab.update({name: i for i, name in specials.items()})
+  t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  t.decoder = decoders.ByteLevel()
+  t.add_special_tokens([specials[i] for i in sorted(specials)])
+  return t.to_str()
+
+
+def _token(t: tokenizers.Tokenizer, i: int) -> str | None:
+  return t.id_to_token(i) if i >= 0 else None
+
+
+def export_files(data_tokenizer: str, tok: Tokenizer, folder: str) -> None:
+  """Writes tokenizer.json and tokenizer_config.json for the workdir's `data.tokenizer`."""
+  out = os.path.join(folder, TOKENIZER_JSON)
+  if data_tokenizer == 'byte':
+    with open(out, 'w') as f:
+      f.write(byte_tokenizer_json(tok))
+  else:
+    shutil.copyfile(data_tokenizer, out)
+    carried = os.path.join(os.path.dirname(data_tokenizer), TOKENIZER_CONFIG)
+    if os.path.isfile(carried):
+      shutil.copyfile(carried, os.path.join(folder, TOKENIZER_CONFIG))
+      return
+  t = tokenizers.Tokenizer.from_file(out)
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast',
+            'bos_token': _token(t, tok.bos_id), 'eos_token': _token(t, tok.eos_id),
+            'pad_token': _token(t, tok.pad_id), 'add_bos_token': False, 'add_eos_token': False,
+            'clean_up_tokenization_spaces': False}
+  with open(os.path.join(folder, TOKENIZER_CONFIG), 'w') as f:
+    json.dump(config, f, indent=2)

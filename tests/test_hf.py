@@ -1,0 +1,335 @@
+"""Hugging Face interop against transformers itself (torch CPU, fp32, fixed seeds, offline).
+
+Tiny random Llama (llama3 RoPE scaling, q/k/v/o and MLP biases, sharded save), Mistral (sliding
+window shorter than the test sequences) and Qwen2 (q/k/v bias, tied embeddings) models are saved
+with save_pretrained, imported, and compared with transformers: logits within 1e-4, greedy
+generation token for token, export -> reload -> the same logits, tokenizer ids.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+tokenizers = pytest.importorskip('tokenizers')
+
+from configs import schema  # noqa: E402
+from interop import hf_tokenizer  # noqa: E402
+from interop.convert import export_hf, import_hf  # noqa: E402
+from interop.hf_config import InteropError  # noqa: E402
+from interop.hf_params import SafetensorsFolder  # noqa: E402
+from sampling.load import load_workdir  # noqa: E402
+from sampling.reference import generate_reference  # noqa: E402
+from training import loop  # noqa: E402
+from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL = 1e-4
+WINDOW = 8
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+FAMILIES = {
+    'llama': ('LlamaConfig', 'LlamaForCausalLM',
+              dict(attention_bias=True, mlp_bias=True, rope_theta=500_000.0,
+                   rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=32))),
+    'mistral': ('MistralConfig', 'MistralForCausalLM', dict(sliding_window=WINDOW)),
+    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', dict(tie_word_embeddings=True)),
+}
+TEXT = ('the quick brown fox jumps over the lazy dog while the cat sleeps near the warm fire '
+        'and a bird sings on the old oak tree beside the river that runs to the sea ')
+
+
+def write_tokenizer(folder):
+  """A small BPE tokenizer (Metaspace, as sentencepiece models) plus its tokenizer_config.json."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  tok.decoder = tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=120,
+                                           special_tokens=['<unk>', '<s>', '</s>', '<pad>'])
+  tok.train_from_iterator([TEXT] * 20, trainer)
+  tok.save(os.path.join(folder, 'tokenizer.json'))
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>',
+               'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}, f)
+
+
+def make_hf_model(family, seed=0):
+  config_cls, model_cls, extra = FAMILIES[family]
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra))
+  with torch.no_grad():  # random biases and norm scales too, so every mapping is exercised
+    for name, p in model.named_parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.15 * torch.randn_like(p))
+  return model.eval()
+
+
+@pytest.fixture(scope='module')
+def hf(tmp_path_factory):
+  """{family: (transformers model, saved folder)}; llama is saved in shards with an index."""
+  out = {}
+  for family in FAMILIES:
+    folder = str(tmp_path_factory.mktemp(f'hf_{family}'))
+    model = make_hf_model(family)
+    model.save_pretrained(folder, max_shard_size='40KB' if family == 'llama' else '1GB')
+    write_tokenizer(folder)
+    out[family] = (model, folder)
+  assert os.path.isfile(os.path.join(out['llama'][1], 'model.safetensors.index.json'))
+  return out
+
+
+@pytest.fixture(scope='module')
+def imported(hf, tmp_path_factory):
+  """{family: workdir} imported from the saved folders."""
+  out = {}
+  for family, (_, folder) in hf.items():
+    out[family] = str(tmp_path_factory.mktemp(f'wd_{family}') / 'run')
+    import_hf(folder, out[family])
+  return out
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def our_logits(workdir, tokens, overrides=None):
+  loaded = load_workdir(workdir)
+  graphdef = loaded.graphdef
+  if overrides:  # the same parameters under a different model function
+    graphdef = loop.setup(schema.apply_overrides(loaded.config, overrides)).graphdef
+  return np.asarray(nnx.merge(graphdef, loaded.params)(jnp.asarray(tokens)))
+
+
+def hf_greedy(model, prompt, new_tokens):
+  """transformers' greedy `generate`, never stopping early (our samplers run to the end)."""
+  gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, eos_token_id=None,
+                                      pad_token_id=COMMON['pad_token_id'])
+  model.generation_config.eos_token_id = None
+  with torch.no_grad():
+    return model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
+                          generation_config=gen).numpy()
+
+
+RANDOM_TOKENS = np.random.RandomState(0).randint(4, 128, (2, 48))   # 48 > WINDOW
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_imported_logits_match_transformers(hf, imported, family):
+  ref = hf_logits(hf[family][0], RANDOM_TOKENS)
+  ours = our_logits(imported[family], RANDOM_TOKENS)
+  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+  assert np.abs(ref).max() > 1.0  # peaked enough that the comparison means something
+  # The feature that sets the family apart really is in play: without it, logits differ.
+  off = {'llama': {'model.rope_scaling.kind': 'none'}, 'mistral': {'model.sliding_window': None},
+         'qwen2': None}[family]
+  if off:
+    assert np.abs(our_logits(imported[family], RANDOM_TOKENS, off) - ref).max() > 100 * ATOL
+
+
+def test_imported_config_fields(imported):
+  llama, mistral, qwen = (load_workdir(imported[f]).config.model for f in FAMILIES)
+  assert (llama.rope_scaling.kind, llama.rope_scaling.factor, llama.rope_scaling.original_max_len,
+          llama.rope_theta) == ('llama3', 8.0, 32, 500_000.0)
+  assert llama.attention_bias and llama.mlp_bias and not llama.tie_embeddings
+  assert mistral.sliding_window == WINDOW and not mistral.attention_bias
+  assert qwen.attention_bias and qwen.attention_out_bias is False and qwen.tie_embeddings
+  assert (qwen.norm_eps, qwen.num_kv_heads, qwen.max_len) == (1e-5, 2, 128)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_greedy_generation_matches_transformers(hf, imported, family):
+  prompt = np.random.RandomState(1).randint(4, 128, (2, 8))
+  expected = hf_greedy(hf[family][0], prompt, 32)
+  loaded = load_workdir(imported[family])
+  ours = generate_reference(loaded.graphdef, loaded.params, jnp.asarray(prompt, jnp.int32),
+                            jax.random.key(0), max_new_tokens=32)
+  assert expected.shape == (2, 40)
+  np.testing.assert_array_equal(np.asarray(ours), expected)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_export_reloads_in_transformers(hf, imported, family, tmp_path):
+  model, folder = hf[family]
+  out = str(tmp_path / 'out')
+  export_hf(imported[family], out, max_shard_size='40KB' if family == 'llama' else '5GB')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert type(reloaded) is type(model)
+  np.testing.assert_allclose(hf_logits(reloaded, RANDOM_TOKENS), hf_logits(model, RANDOM_TOKENS),
+                             atol=1e-5, rtol=0)
+  assert set(SafetensorsFolder(out).entries) == set(SafetensorsFolder(folder).entries)
+  ours = make_tokenizer(load_workdir(imported[family]).config.data.tokenizer)
+  exported = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(out,
+                                                                              'tokenizer.json'))
+  assert exported.encode(TEXT, add_special_tokens=False) == ours.encode(TEXT).tolist()
+
+
+def test_sharded_and_single_file_read_the_same(hf, tmp_path):
+  model, sharded = hf['llama']
+  single = str(tmp_path / 'single')
+  model.save_pretrained(single)
+  a, b = SafetensorsFolder(sharded), SafetensorsFolder(single)
+  assert len({f for f, _, _ in a.entries.values()}) > 1
+  assert {k: v[1:] for k, v in a.entries.items()} == {k: v[1:] for k, v in b.entries.items()}
+  from interop.hf_params import TensorSpec
+  specs = [TensorSpec(k, k, 'same', shape) for k, (_, _, shape) in a.entries.items()]
+  for (sa, xa), (sb, xb) in zip(sorted(a.read(specs, np.float32), key=lambda t: t[0].hf),
+                                sorted(b.read(specs, np.float32), key=lambda t: t[0].hf)):
+    assert sa == sb
+    np.testing.assert_array_equal(xa, xb)
+
+
+def test_tokenizer_ids_match_transformers(hf, imported):
+  folder, workdir = hf['llama'][1], imported['llama']
+  config = load_workdir(workdir).config
+  assert config.data.tokenizer == os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+  ours = make_tokenizer(config.data.tokenizer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, 'tokenizer.json'))
+  auto = transformers.AutoTokenizer.from_pretrained(folder)  # reads tokenizer_config.json too
+  for text in (TEXT, 'the fox, the dog', 'unseen words: zebra quartz!'):
+    ids = ours.encode(text).tolist()
+    assert ids == fast.encode(text, add_special_tokens=False)
+    assert ids == auto.encode(text, add_special_tokens=False)
+    assert ours.decode(np.asarray(ids)) == fast.decode(ids, skip_special_tokens=True)
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (auto.bos_token_id, auto.eos_token_id,
+                                                     auto.pad_token_id) == (1, 2, 3)
+
+
+def test_byte_tokenizer_export_matches_ours(tmp_path):
+  assert set(hf_tokenizer.bytes_to_unicode().values()) == set(
+      tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  ours = ByteTokenizer()
+  path = str(tmp_path / 'tokenizer.json')
+  with open(path, 'w') as f:
+    f.write(hf_tokenizer.byte_tokenizer_json(ours))
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+  text = 'déjà vu: 中文 🙂 tabs\tand\nnewlines  x'
+  ids = theirs.encode(text, add_special_tokens=False)
+  assert ids == ours.encode(text).tolist()
+  assert theirs.decode(ids) == ours.decode(np.asarray(ids)) == text
+  assert theirs.convert_tokens_to_ids(['<pad>', '<bos>', '<eos>', '<extra_id_0>']) == [
+      ours.pad_id, ours.bos_id, ours.eos_id, ours.sentinel(0)]
+  assert len(theirs) == ours.vocab_size
+
+
+# --- bad input: one clear error naming the tensor or field, nothing written ------------------
+
+def _corrupt_copy(src, dst, edit_config=None, edit_tensors=None):
+  shutil.copytree(src, dst)
+  if edit_config:
+    path = os.path.join(dst, 'config.json')
+    with open(path) as f:
+      cfg = json.load(f)
+    edit_config(cfg)
+    with open(path, 'w') as f:
+      json.dump(cfg, f)
+  if edit_tensors:
+    path = os.path.join(dst, 'model.safetensors')
+    folder = SafetensorsFolder(dst)
+    from interop.hf_params import TensorSpec
+    specs = [TensorSpec(k, k, 'same', s) for k, (_, _, s) in folder.entries.items()]
+    tensors = {s.hf: x for s, x in folder.read(specs, np.float32)}
+    edit_tensors(tensors)
+    save_file(tensors, path, metadata={'format': 'pt'})
+  return dst
+
+
+TENSOR = 'model.layers.1.mlp.up_proj.weight'
+BAD_INPUTS = {
+    'architecture': (dict(edit_config=lambda c: c.update(architectures=['GPT2LMHeadModel'])),
+                     ['architectures', 'GPT2LMHeadModel']),
+    'missing_tensor': (dict(edit_tensors=lambda t: t.pop(TENSOR)), ['missing', TENSOR]),
+    'shape': (dict(edit_tensors=lambda t: t.update({TENSOR: t[TENSOR][:, :32]})),
+              [TENSOR, '[96, 32]', '[96, 64]']),
+    'dtype': (dict(edit_tensors=lambda t: t.update({TENSOR: t[TENSOR].astype(np.int8)})),
+              [TENSOR, 'I8']),
+    'rope_type': (dict(edit_config=lambda c: c['rope_parameters'].update(rope_type='yarn')),
+                  ['rope_type', 'yarn']),
+    'missing_field': (dict(edit_config=lambda c: c.pop('hidden_size')), ['hidden_size']),
+    'mixed_windows': (dict(edit_config=lambda c: c.update(
+        use_sliding_window=True, sliding_window=4,
+        layer_types=['full_attention', 'sliding_attention'])), ['layer_types']),
+}
+
+
+@pytest.mark.parametrize('case', BAD_INPUTS)
+def test_bad_input_names_the_problem_and_writes_nothing(hf, tmp_path, case):
+  edits, words = BAD_INPUTS[case]
+  src = _corrupt_copy(hf['qwen2'][1], str(tmp_path / 'hf'), **edits)
+  workdir = tmp_path / 'wd'
+  with pytest.raises(InteropError) as e:
+    import_hf(src, str(workdir))
+  for word in words:
+    assert word in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == ['hf']   # no workdir, no temporary folder
+
+
+def test_import_refuses_a_used_workdir(hf, tmp_path):
+  (tmp_path / 'notes.txt').write_text('keep me')
+  with pytest.raises(InteropError, match='not empty'):
+    import_hf(hf['mistral'][1], str(tmp_path))
+  assert os.listdir(tmp_path) == ['notes.txt']
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_cli_reports_bad_input(hf, tmp_path):
+  src = _corrupt_copy(hf['qwen2'][1], str(tmp_path / 'hf'),
+                      edit_tensors=lambda t: t.pop(TENSOR))
+  r = _run('-m', 'interop.hf', f'--from_hf={src}', f'--workdir={tmp_path / "wd"}')
+  assert r.returncode != 0 and 'error:' in r.stderr and TENSOR in r.stderr, r.stderr
+  assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.slow
+def test_cli_import_sample_finetune_export(hf, tmp_path):
+  """The user's path: CLI import, sample.py (greedy = transformers), train.py fine-tunes the
+  workdir, and the fine-tuned model exports and loads in transformers."""
+  model, folder = hf['llama']
+  wd, out = str(tmp_path / 'wd'), str(tmp_path / 'out')
+  r = _run('-m', 'interop.hf', f'--from_hf={folder}', f'--workdir={wd}')
+  assert r.returncode == 0, r.stderr
+  prompt = 'the quick brown fox'
+  r = _run('sample.py', f'--workdir={wd}', f'--prompt={prompt}', '--max_new_tokens=12',
+           '--temperature=0')
+  assert r.returncode == 0, r.stderr
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  ids = tok.encode(prompt, add_special_tokens=False)
+  new = hf_greedy(model, np.asarray([ids]), 12)[0, len(ids):].tolist()
+  ours = make_tokenizer(os.path.join(wd, 'tokenizer.json'))
+  stop = new.index(ours.eos_id) if ours.eos_id in new else len(new)
+  assert r.stdout.splitlines()[-1] == prompt + ours.decode(np.asarray(new[:stop]))
+  (tmp_path / 'corpus.txt').write_text(TEXT * 30)
+  r = _run('train.py', f'--config=configs/finetune.py:{wd}', f'--workdir={wd}',
+           '--config.data.corpus=files', f'--config.data.files={tmp_path / "corpus.txt"}',
+           '--config.data.seq_len=32', '--config.train.steps=3', '--config.train.batch_size=2',
+           '--config.train.log_every=1', '--config.train.eval_every=3',
+           '--config.train.eval_batches=1', '--config.train.learning_rate=1e-3')
+  assert r.returncode == 0, r.stderr
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    losses = [json.loads(line)['loss'] for line in f if '"loss"' in line]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  assert load_workdir(wd).step == 3
+  export_hf(wd, out)
+  tuned = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  np.testing.assert_allclose(hf_logits(tuned, RANDOM_TOKENS), our_logits(wd, RANDOM_TOKENS),
+                             atol=ATOL, rtol=0)
+  assert np.abs(hf_logits(tuned, RANDOM_TOKENS) - hf_logits(model, RANDOM_TOKENS)).max() > ATOL
