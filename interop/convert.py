@@ -14,6 +14,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from configs import schema
 from interop import hf_config, hf_params, hf_tokenizer
@@ -73,13 +74,12 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     overrides['data.tokenizer'] = os.path.join(final, hf_tokenizer.TOKENIZER_JSON)
   config = hf_config.to_config(hf, family, overrides)
   if tok_files:
-    tok = hf_tokenizer.tokenizers.Tokenizer.from_file(tok_files[0])
-    size = tok.get_vocab_size(with_added_tokens=True)
+    size = hf_tokenizer.vocab_size(tok_files[0])
     if size > config.model.vocab_size:
       raise InteropError(f'{tok_files[0]}: {size} tokens, more than config.json vocab_size='
                          f'{config.model.vocab_size}.')
   else:
-    print(f'warning: {hf_dir} has no tokenizer.json; the workdir uses data.tokenizer=byte.')
+    logging.warning('%s has no tokenizer.json; the workdir uses data.tokenizer=byte.', hf_dir)
   folder = hf_params.SafetensorsFolder(hf_dir)
   s = loop.setup(config)
   abstract = s.abstract_state['params']

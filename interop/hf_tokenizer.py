@@ -42,6 +42,10 @@ def tokenizer_files(folder: str) -> list[str]:
   return files
 
 
+def vocab_size(path: str) -> int:
+  return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+
+
 def copy_files(files: list[str], folder: str) -> None:
   for path in files:
     shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))

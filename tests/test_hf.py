@@ -26,12 +26,13 @@ transformers = pytest.importorskip('transformers')
 tokenizers = pytest.importorskip('tokenizers')
 
 from configs import schema  # noqa: E402
-from interop import hf_tokenizer  # noqa: E402
+from interop import hf_config, hf_tokenizer  # noqa: E402
 from interop.convert import export_hf, import_hf  # noqa: E402
 from interop.hf_config import InteropError  # noqa: E402
 from interop.hf_params import SafetensorsFolder  # noqa: E402
 from sampling.load import load_workdir  # noqa: E402
 from sampling.reference import generate_reference  # noqa: E402
+from models import layers, positional  # noqa: E402
 from training import loop  # noqa: E402
 from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
 
@@ -193,6 +194,18 @@ def test_sharded_and_single_file_read_the_same(hf, tmp_path):
     np.testing.assert_array_equal(xa, xb)
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_half_precision_tensors_read_exactly(tmp_path, dtype):
+  from interop.hf_params import TensorSpec
+  from safetensors.torch import save_file as torch_save
+  x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+  torch_save({'model.norm.weight': x}, str(tmp_path / 'model.safetensors'))
+  folder = SafetensorsFolder(str(tmp_path))
+  [(_, got)] = folder.read([TensorSpec('final_norm.scale', 'model.norm.weight', 'same', (3, 5))],
+                           np.float32)
+  np.testing.assert_array_equal(got, x.float().numpy())
+
+
 def test_tokenizer_ids_match_transformers(hf, imported):
   folder, workdir = hf['llama'][1], imported['llama']
   config = load_workdir(workdir).config
@@ -224,6 +237,59 @@ def test_byte_tokenizer_export_matches_ours(tmp_path):
   assert theirs.convert_tokens_to_ids(['<pad>', '<bos>', '<eos>', '<extra_id_0>']) == [
       ours.pad_id, ours.bos_id, ours.eos_id, ours.sentinel(0)]
   assert len(theirs) == ours.vocab_size
+
+
+# --- the model fields the families need ---------------------------------------------------
+
+@pytest.mark.parametrize('rope', [
+    dict(rope_type='linear', factor=4.0),
+    dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=64)])
+def test_rope_scaling_equals_transformers(rope):
+  config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500_000.0,
+                                    rope_scaling=dict(rope), max_position_embeddings=512)
+  init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope['rope_type']]
+  want = init(config, 'cpu')[0].numpy()
+  ours = hf_config.to_config(config.to_dict(), hf_config.FAMILIES[0]).model
+  scaling = positional.RopeScaling.from_config(ours.rope_scaling)
+  got = np.asarray(positional.rope_inv_frequencies(128, ours.rope_theta, scaling))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  plain = np.asarray(positional.rope_inv_frequencies(128, ours.rope_theta))
+  assert np.abs(got / plain - 1).max() > 0.5  # some frequencies really are rescaled
+
+
+def test_legacy_rope_keys_and_defaults():
+  """Older config.json files: `rope_theta` + `rope_scaling` with `type`; absent keys default."""
+  hf = dict(architectures=['LlamaForCausalLM'], vocab_size=100, hidden_size=64,
+            intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            rope_theta=1234.0, rope_scaling={'type': 'linear', 'factor': 2.0})
+  m = hf_config.to_config(hf, hf_config.family_of(hf)).model
+  assert (m.rope_theta, m.rope_scaling.kind, m.rope_scaling.factor) == (1234.0, 'linear', 2.0)
+  assert (m.num_kv_heads, m.head_dim, m.max_len, m.tie_embeddings) == (4, 16, 2048, False)
+
+
+def test_attention_out_bias_follows_attention_bias_unless_set(tiny_config):
+  shapes = {}
+  for qkv, out in ((False, None), (True, None), (True, False)):
+    cfg = tiny_config({'model.attention_bias': qkv, 'model.attention_out_bias': out}).model
+    attn = nnx.eval_shape(lambda c=cfg: layers.Attention(c, nnx.Rngs(0), rope=True))
+    shapes[qkv, out] = (attn.q.bias is not None, attn.o.bias is not None)
+  assert shapes == {(False, None): (False, False), (True, None): (True, True),
+                    (True, False): (True, False)}
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.rope_scaling.kind': 'yarn'}, 'model.rope_scaling.kind'),
+    ({'model.rope_scaling.kind': 'linear', 'model.rope_scaling.factor': 0.0},
+     'model.rope_scaling.factor'),
+    ({'model.rope_scaling.kind': 'llama3', 'model.rope_scaling.low_freq_factor': 8.0},
+     'low_freq_factor < high_freq_factor'),
+    ({'model.rope_scaling.kind': 'linear', 'model.positional': 'learned'}, 'model.positional'),
+    ({'model.attention_out_bias': 'no'}, 'model.attention_out_bias'),
+])
+def test_new_fields_validated(tiny_config, overrides, message):
+  with pytest.raises(schema.ConfigError, match=message):
+    schema.validate(tiny_config(overrides))
 
 
 # --- bad input: one clear error naming the tensor or field, nothing written ------------------
@@ -320,7 +386,8 @@ def test_cli_import_sample_finetune_export(hf, tmp_path):
   (tmp_path / 'corpus.txt').write_text(TEXT * 30)
   r = _run('train.py', f'--config=configs/finetune.py:{wd}', f'--workdir={wd}',
            '--config.data.corpus=files', f'--config.data.files={tmp_path / "corpus.txt"}',
-           '--config.data.seq_len=32', '--config.train.steps=3', '--config.train.batch_size=2',
+           '--config.data.seq_len=32', '--config.train.steps=3', '--config.train.warmup_steps=1',
+           '--config.train.batch_size=2',
            '--config.train.log_every=1', '--config.train.eval_every=3',
            '--config.train.eval_batches=1', '--config.train.learning_rate=1e-3')
   assert r.returncode == 0, r.stderr
