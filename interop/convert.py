@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 
@@ -88,8 +89,9 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
 
   shardings = {hf_params.path_name(p): a.sharding
                for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
-  values = {spec.ours: jax.device_put(array, shardings[spec.ours])
-            for spec, array in folder.read(specs, np.dtype(param_dtype))}
+  values = {spec.ours: jax.make_array_from_callback(array.shape, shardings[spec.ours],
+                                                    lambda index, a=array: a[index])
+            for spec, array in folder.read(specs, jnp.dtype(param_dtype))}
   params = jax.tree_util.tree_map_with_path(lambda p, _: values[hf_params.path_name(p)],
                                             abstract)
   tx = optim.make_optimizer(config.train)
@@ -120,14 +122,19 @@ def export_hf(workdir: str, out: str, *, dtype: str | None = None,
   specs = hf_params.tensor_specs(loaded.params)
   flat = {hf_params.path_name(p): leaf
           for p, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)}
-  tensors = {s.hf: s.to_hf(np.asarray(jax.device_get(flat[s.ours])).astype(jnp.dtype(dtype)))
-             for s in specs}
+  by_name = {s.hf: s for s in specs}
+  itemsize = jnp.dtype(dtype).itemsize
+
+  def fetch(name):
+    spec = by_name[name]
+    return spec.to_hf(np.asarray(jax.device_get(flat[spec.ours])).astype(jnp.dtype(dtype)))
   tok = loaded.tokenizer
   ids = {f'{k}_id': (i if i >= 0 else None)
          for k, i in (('bos', tok.bos_id), ('eos', tok.eos_id), ('pad', tok.pad_id))}
   hf = hf_config.from_config(config, family, dtype=dtype, **ids)
   with _staged(out) as tmp:
-    hf_params.write_safetensors(tensors, tmp, max_bytes)
+    hf_params.write_safetensors({s.hf: math.prod(s.shape) * itemsize for s in specs}, fetch,
+                                tmp, max_bytes)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(hf, f, indent=2)
     hf_tokenizer.export_files(config.data.tokenizer, tok, tmp)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -181,25 +182,32 @@ def parse_size(text: str) -> int:
   return int(float(m[1]) * scale)
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], folder: str, max_shard_bytes: int) -> None:
+def write_safetensors(sizes: dict[str, int], fetch: Callable[[str], np.ndarray], folder: str,
+                      max_shard_bytes: int) -> None:
   """`model.safetensors`, or shards of at most `max_shard_bytes` (a bigger tensor gets a shard
-  of its own) plus `model.safetensors.index.json`, as transformers writes them."""
-  total = sum(t.nbytes for t in tensors.values())
-  metadata = {'format': 'pt'}  # transformers refuses files without it
-  if total <= max_shard_bytes:
-    save_file(tensors, os.path.join(folder, SINGLE), metadata=metadata)
-    return
-  shards, size = [{}], 0
-  for name, t in tensors.items():
-    if shards[-1] and size + t.nbytes > max_shard_bytes:
-      shards.append({})
+  of its own) plus `model.safetensors.index.json`, as transformers writes them.
+
+  sizes: tensor name -> bytes, in file order; fetch(name) gives the tensor. Only one shard's
+  tensors are in host memory at a time.
+  """
+  shards, size = [[]], 0
+  for name, nbytes in sizes.items():
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
       size = 0
-    shards[-1][name] = t
-    size += t.nbytes
+    shards[-1].append(name)
+    size += nbytes
+  metadata = {'format': 'pt'}  # transformers refuses files without it
+  if len(shards) == 1:
+    save_file({name: fetch(name) for name in shards[0]}, os.path.join(folder, SINGLE),
+              metadata=metadata)
+    return
   weight_map = {}
-  for i, shard in enumerate(shards):
+  for i, names in enumerate(shards):
     file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, os.path.join(folder, file), metadata=metadata)
-    weight_map.update({name: file for name in shard})
+    save_file({name: fetch(name) for name in names}, os.path.join(folder, file),
+              metadata=metadata)
+    weight_map.update({name: file for name in names})
   with open(os.path.join(folder, INDEX), 'w') as f:
-    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+    json.dump({'metadata': {'total_size': sum(sizes.values())}, 'weight_map': weight_map}, f,
+              indent=2)
