@@ -97,7 +97,8 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
   tx = optim.make_optimizer(config.train)
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step']),
            'params': params,
-           'opt_state': jax.jit(tx.init, out_shardings=s.state_shardings['opt_state'])(params)}
+           'opt_state': jax.jit(tx.init, out_shardings=s.state_shardings['opt_state'])(params),
+           'rng': jax.device_put(loop.initial_rng(config.train.seed), s.state_shardings['rng'])}
   with _staged(workdir) as tmp:
     ckpt_lib.write_config(tmp, config)
     hf_tokenizer.copy_files(tok_files, tmp)

@@ -101,6 +101,7 @@ def test_checkpoint_round_trip_is_exact(tiny_config, tmp_path):
   expected_batch = next(it)
   it2 = iter(data_lib.train_dataset(corpus_tokens, cfg.data.seq_len, 4, seed=0))
   restored = ckpt_lib.Checkpointer(str(tmp_path)).restore(s.abstract_state, it2)
+  assert set(restored) == {'step', 'params', 'opt_state', 'rng'}
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   np.testing.assert_array_equal(next(it2)['inputs'], expected_batch['inputs'])

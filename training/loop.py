@@ -1,7 +1,8 @@
 """Init, train_step, eval_step and the loop. Steps are pure functions of (state, batch) under jit.
 
-The train state is a dict pytree {'step', 'params', 'opt_state'}; `params` is the model's
-`nnx.State` of Params, re-attached to the static graphdef inside the step with `nnx.merge`.
+The train state is a dict pytree {'step', 'params', 'opt_state', 'rng'}; `params` is the model's
+`nnx.State` of Params, re-attached to the static graphdef inside the step with `nnx.merge`;
+`rng` is raw key data [2] uint32 (checkpointed), folded with the step for per-step randomness.
 """
 from __future__ import annotations
 
@@ -31,43 +32,56 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarra
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def model_loss(model: nnx.Module, batch: dict):
-  """(sum of losses, sum of weights) of a batch; encoder-decoder batches carry 'sources'."""
+def model_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None):
+  """(sum of losses, sum of weights) of a batch; encoder-decoder batches carry 'sources'.
+
+  rng: this step's key, given to models that draw randomness in training (their
+  `uses_rng` attribute is true, e.g. dropout); None at evaluation.
+  """
+  kwargs = {'rng': rng} if rng is not None and getattr(model, 'uses_rng', False) else {}
   if 'sources' in batch:
-    logits = model(batch['sources'], batch['inputs'])
+    logits = model(batch['sources'], batch['inputs'], **kwargs)
   else:
-    logits = model(batch['inputs'])
+    logits = model(batch['inputs'], **kwargs)
   return cross_entropy(logits, batch['targets'], batch['weights'])
+
+
+def initial_rng(seed: int) -> jnp.ndarray:
+  """The train state's base key as raw uint32 data (orbax stores plain arrays)."""
+  return jax.random.key_data(jax.random.key(seed))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
   """(state, batch) -> (state, metrics). The loss is the mean over all weighted tokens of the
   batch, also when it is split into `grad_accum_steps` micro-batches."""
 
-  def loss_and_grads(params, batch):
-    fn = lambda p: model_loss(nnx.merge(graphdef, p), batch)
+  def loss_and_grads(params, batch, rng):
+    fn = lambda p: model_loss(nnx.merge(graphdef, p), batch, rng)
     (loss_sum, weight_sum), grads = jax.value_and_grad(fn, has_aux=True)(params)
     return loss_sum, weight_sum, grads
 
   def train_step(state, batch):
     params = state['params']
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     if grad_accum_steps == 1:
-      loss_sum, weight_sum, grads = loss_and_grads(params, batch)
+      loss_sum, weight_sum, grads = loss_and_grads(params, batch, rng)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
           batch)
 
-      def accumulate(carry, mb):
-        l, w, g = loss_and_grads(params, mb)
+      def accumulate(carry, xs):
+        mb, i = xs
+        l, w, g = loss_and_grads(params, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (l, w, g)), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-      (loss_sum, weight_sum, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      (loss_sum, weight_sum, grads), _ = jax.lax.scan(
+          accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
     grads = jax.tree.map(lambda g: g / weight_sum, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-                 'opt_state': opt_state}
+                 'opt_state': opt_state, 'rng': state['rng']}
     return new_state, {'loss': loss_sum / weight_sum, 'grad_norm': optax.global_norm(grads)}
 
   return train_step
@@ -101,7 +115,8 @@ def setup(config, devices=None) -> Setup:
   def create_state():
     model = build_model(config, nnx.Rngs(config.train.seed))
     params = nnx.state(model, nnx.Param)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'rng': initial_rng(config.train.seed)}
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
   abstract = jax.eval_shape(create_state)
