@@ -1,6 +1,10 @@
 """Train a model: python train.py --config=configs/default.py[:variant] --workdir=DIR [--config.a.b=v].
 
-The same command on an existing DIR resumes from its latest checkpoint.
+The same command on an existing DIR resumes from its latest checkpoint; so does
+`python train.py --workdir=DIR` alone (the config is the one DIR was trained with).
+`--dry_run` compiles the train step for the configured mesh and prints what the run will cost
+(parameters, FLOPs, memory per device, sharding, estimated step time) without training or
+writing anything; it exits non-zero when the step does not fit in device memory.
 """
 from training import hostenv
 
@@ -10,12 +14,25 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import schema
-from training import checkpoint, data, loop
+from training import checkpoint, data, loop, preflight
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]. Optional when '
+                                          '--workdir holds a run (it then resumes that config).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile and report the train step; train nothing.')
+_DEVICE_MEMORY_GB = flags.DEFINE_float(
+    'device_memory_gb', None, 'Memory per device the dry run checks against (default: the '
+    "accelerator's limit; on CPU, host RAM / local devices).")
+
+
+def resolve_config():
+  """The --config, else the config saved in --workdir; raises SystemExit naming what is missing."""
+  if _CONFIG.value is not None:
+    return _CONFIG.value
+  if _WORKDIR.value is None:
+    raise SystemExit('error: give --config=FILE[:variant], or --workdir=DIR of an existing run.')
+  return checkpoint.load_config(_WORKDIR.value)
 
 
 def main(argv):
@@ -23,11 +40,31 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+  if _DEVICE_MEMORY_GB.value is not None and _DEVICE_MEMORY_GB.value <= 0:
+    raise SystemExit(f'error: --device_memory_gb={_DEVICE_MEMORY_GB.value} must be > 0.')
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value)
-  except (schema.ConfigError, data.DataError, checkpoint.WorkdirError, FileNotFoundError) as e:
+    config = resolve_config()
+    if _DRY_RUN.value:
+      report = preflight.run(config, device_memory_gb=_DEVICE_MEMORY_GB.value)
+      print(preflight.format_report(report))
+      preflight.check_fits(report)
+      return
+    if _WORKDIR.value is None:
+      raise SystemExit('error: --workdir is required (except with --dry_run).')
+    loop.train(config, _WORKDIR.value)
+  except (schema.ConfigError, data.DataError, checkpoint.WorkdirError, preflight.PreflightError,
+          FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, after checking `--config.KEY` overrides against the schema."""
+  try:
+    schema.check_override_flags(argv[1:])
+  except schema.ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -78,6 +78,15 @@ def check_keys(keys: Iterable[str], where: str = 'config') -> None:
       raise ConfigError(f'{where}: unknown key `{key}`{suggest(key, known)}.')
 
 
+def check_override_flags(argv: Iterable[str], flag: str = 'config') -> None:
+  """Checks the keys of `--config.KEY=VALUE` command-line overrides against the schema, so a
+  misspelt key is one error with a suggestion rather than a traceback from flag parsing."""
+  for arg in argv:
+    if arg.startswith(f'--{flag}.'):
+      key = arg[len(flag) + 3:].split('=', 1)[0]
+      check_keys([key], where=f'--{flag}.{key}')
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                     where: str = 'overrides') -> ml_collections.ConfigDict:
   """Returns a copy of `config` with dotted-path `overrides` applied; unknown keys raise."""
