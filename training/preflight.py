@@ -253,7 +253,8 @@ def format_report(report: Report) -> str:
   """The dry run's printed report."""
   r, m = report, report.memory
   mesh = ' x '.join(f'{k}={v}' for k, v in r.mesh.items())
-  lines = [f'Mesh: {mesh} ({r.num_devices} {r.platform} device{"s" if r.num_devices > 1 else ""})',
+  plural = 's' if r.num_devices > 1 else ''
+  lines = [f'Mesh: {mesh} ({r.num_devices} {r.platform} device{plural})',
            f'Parameters: {r.num_params:,} (N = {r.matmul_params:,} without lookup-only tables)']
   width = max(len(c) for c in r.components)
   for name, count in r.components.items():
