@@ -5,6 +5,7 @@ Errors are `ConfigError`s whose message names the field and what is allowed.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 from typing import Any, Iterable, Mapping
 
@@ -187,6 +188,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """First 12 hex digits of the sha256 of `to_json(config)`: names a resolved config (sweep trials)."""
+  return hashlib.sha256(to_json(config).encode()).hexdigest()[:12]
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

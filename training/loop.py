@@ -22,6 +22,7 @@ from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import mesh as mesh_lib
 from training import optim
+from training import runinfo
 from training.metrics import MetricsLogger
 from training.tokenizer import make_tokenizer
 
@@ -170,6 +171,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   else:
     state = s.init_state()
   start = int(state['step'])
+  if jax.process_index() == 0:
+    runinfo.record_launch(workdir, config, tokenizer, s.mesh, start)
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   eval_set = data_lib.eval_batches(corpus.eval, config.data.seq_len, t.batch_size, t.eval_batches)
   logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0)
