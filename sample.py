@@ -1,15 +1,18 @@
-"""Sample from a trained workdir: python sample.py --workdir=DIR --prompt=TEXT [--temperature ...]."""
+"""Sample from a trained workdir: python sample.py --workdir=DIR --prompt=TEXT [--temperature ...].
+
+Uses the cached sampler (sampling/sampler.py); one sample is printed as it is generated.
+"""
 from training import hostenv
 
 hostenv.ensure_fast_malloc()
 
-import jax
-import jax.numpy as jnp
+from typing import Iterable, Iterator
+
 import numpy as np
 from absl import app, flags, logging
 
 from sampling.load import load_workdir
-from sampling.reference import generate_reference
+from sampling.sampler import Sampler
 from training.checkpoint import WorkdirError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
@@ -35,6 +38,21 @@ def check_flags() -> None:
     raise SystemExit(f'error: --num_samples={_NUM_SAMPLES.value} must be >= 1.')
 
 
+def stream_text(decode, chunks: Iterable[np.ndarray]) -> Iterator[str]:
+  """Text pieces of row 0 as token chunks [B, n] arrive (-1: no token). An incomplete
+  multi-byte character (decoded as U+FFFD) is held back until the rest of it arrives."""
+  tokens, shown = [], ''
+  for chunk in chunks:
+    tokens.extend(int(t) for t in chunk[0] if t >= 0)
+    text = decode(np.asarray(tokens, np.int32)).rstrip('\ufffd')
+    if text.startswith(shown) and len(text) > len(shown):
+      yield text[len(shown):]
+      shown = text
+  text = decode(np.asarray(tokens, np.int32))
+  if text.startswith(shown):
+    yield text[len(shown):]
+
+
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
@@ -45,19 +63,23 @@ def main(argv):
   except WorkdirError as e:
     raise SystemExit(f'error: {e}') from None
   tok = loaded.tokenizer
-  prompt = tok.encode(_PROMPT.value)
-  max_len = loaded.config.model.max_len
-  if prompt.size + _MAX_NEW.value > max_len:
-    raise SystemExit(f'error: prompt ({prompt.size} tokens) + --max_new_tokens={_MAX_NEW.value} '
-                     f'exceeds the model maximum length model.max_len={max_len}.')
-  prompts = jnp.asarray(np.tile(prompt[None], (_NUM_SAMPLES.value, 1)), jnp.int32)
-  out = generate_reference(loaded.graphdef, loaded.params, prompts, jax.random.key(_SEED.value),
-                           max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                           top_k=_TOP_K.value, top_p=_TOP_P.value)
-  for i, row in enumerate(np.asarray(out)):
-    new = row[prompt.size:]
-    stop = np.flatnonzero(new == tok.eos_id)
-    new = new[:stop[0]] if stop.size else new
+  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
+                    eos_id=tok.eos_id if tok.eos_id >= 0 else None, pad_id=max(tok.pad_id, 0))
+  prompts = [tok.encode(_PROMPT.value)] * _NUM_SAMPLES.value
+  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  try:
+    sampler.check(prompts, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  except ValueError as e:
+    raise SystemExit(f'error: {str(e).replace("prompt 0", "--prompt")}') from None
+  if _NUM_SAMPLES.value == 1:
+    print(f'--- sample 0 (step {loaded.step}) ---')
+    print(_PROMPT.value, end='', flush=True)
+    for piece in stream_text(tok.decode, sampler.stream(prompts, **kwargs)):
+      print(piece, end='', flush=True)
+    print()
+    return
+  for i, new in enumerate(sampler.generate(prompts, **kwargs)):
     print(f'--- sample {i} (step {loaded.step}) ---')
     print(_PROMPT.value + tok.decode(new))
 

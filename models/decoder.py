@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models import positional
-from models.layers import Block, Embed, Projection, make_norm
+from models import kv_cache, positional
+from models.layers import Block, Embed, Projection, dtype_of, make_norm
 
 
 def layer_window(cfg, layer: int) -> int | None:
@@ -50,11 +50,31 @@ class DecoderLM(nnx.Module):
       return self.embed.attend(x)
     return self.lm_head(x).astype(jnp.float32)
 
+  def init_cache(self, batch: int, length: int, dtype=None) -> list[kv_cache.LayerCache]:
+    """An empty KV cache per layer: L = `length` slots, or a ring of W for windowed layers."""
+    return [kv_cache.init(batch, length, l.attn.num_kv_heads, l.attn.head_dim,
+                          dtype or dtype_of(l.attn.k.dtype), window=l.attn.sliding_window)
+            for l in self.layers]
+
   def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
-               segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
-    """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1."""
+               segment_ids: jnp.ndarray | None = None, *,
+               cache: list[kv_cache.LayerCache] | None = None,
+               cache_index: jnp.ndarray | None = None):
+    """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1.
+
+    With `cache` (from `init_cache`) returns (logits, updated cache): cache_index None
+    prefills the empty cache with the prompt, else tokens are decoded at slot cache_index;
+    positions are then required, -1 marking left padding (see models/kv_cache.py).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if cache is not None:
+      x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
+      new_cache = []
+      for layer, layer_cache in zip(self.layers, cache):
+        x, layer_cache = layer(x, positions, cache=layer_cache, cache_index=cache_index)
+        new_cache.append(layer_cache)
+      return self.logits(x), new_cache
     x = self.embed_tokens(tokens, positions)
     for layer in self.layers:
       x = layer(x, positions, segment_ids=segment_ids)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import positional
+from models import kv_cache, positional
 from models.attention import dot_product_attention
 
 
@@ -173,6 +173,29 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask=cross_mask, implementation=self.implementation)
     return self.o(out)
 
+  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache: kv_cache.LayerCache,
+             cache_index: jnp.ndarray | None = None):
+    """Self-attention through a KV cache: (out [B, T, D], updated cache).
+
+    positions: [B, T], -1 for (left) padding. cache_index None: prefill, x is the whole prompt
+    and the cache is empty; it attends over itself and is stored at slots 0..T-1. Otherwise
+    decode: x's tokens are written at slot `cache_index` and attend over the cache.
+    """
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.rope:
+      rope_pos = jnp.maximum(positions, 0)
+      q = positional.apply_rope(q, rope_pos, self.rope_theta, scaling=self.rope_scaling)
+      k = positional.apply_rope(k, rope_pos, self.rope_theta, scaling=self.rope_scaling)
+    kw = dict(window=self.sliding_window, implementation=self.implementation)
+    if cache_index is None:
+      out = kv_cache.attend(q, positions, kv_cache.LayerCache(k, v, positions), **kw)
+      return self.o(out), kv_cache.prefill(cache, k, v, positions)
+    if self.sliding_window is not None and x.shape[1] > 1:
+      raise ValueError(f'a sliding-window cache decodes one token at a time; got {x.shape[1]}.')
+    cache = kv_cache.append(cache, k, v, positions, cache_index)
+    filled = None if self.sliding_window is not None else cache_index + x.shape[1]
+    return self.o(kv_cache.attend(q, positions, cache, filled=filled, **kw)), cache
+
 
 class Block(nnx.Module):
   """Transformer block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
@@ -191,11 +214,26 @@ class Block(nnx.Module):
     return x + fn(norm(x)) if self.pre_norm else norm(x + fn(x))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
-               mask=None, context=None, context_mask=None) -> jnp.ndarray:
-    """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention."""
-    x = self._residual(x, self.attn_norm, lambda h: self.attn(
-        h, positions, segment_ids=segment_ids, causal=causal, mask=mask))
+               mask=None, context=None, context_mask=None, cache=None, cache_index=None):
+    """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention.
+
+    With a self-attention `cache` (see `Attention.cached`) returns (x, updated cache).
+    """
+    if cache is not None:
+      new_cache = []
+      x = self._residual(x, self.attn_norm, lambda h: _keep_cache(
+          self.attn.cached(h, positions, cache, cache_index), new_cache))
+    else:
+      x = self._residual(x, self.attn_norm, lambda h: self.attn(
+          h, positions, segment_ids=segment_ids, causal=causal, mask=mask))
     if self.cross_attn is not None:
       x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
           h, positions, context=context, context_mask=context_mask))
-    return self._residual(x, self.mlp_norm, self.mlp)
+    x = self._residual(x, self.mlp_norm, self.mlp)
+    return x if cache is None else (x, new_cache[0])
+
+
+def _keep_cache(out_and_cache, sink: list):
+  out, cache = out_and_cache
+  sink.append(cache)
+  return out

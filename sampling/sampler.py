@@ -1,0 +1,162 @@
+"""The cached sampler: prefill a batch of prompts in one call, then decode in fixed-size chunks.
+
+  sampler = Sampler(graphdef, params, max_len=config.model.max_len, eos_id=tokenizer.eos_id)
+  sampler.generate(prompts, max_new_tokens=64, temperature=0.8, top_p=0.9, seed=0)
+      -> one 1-D int32 array of new tokens per prompt (the stop token is not included)
+  for chunk in sampler.stream(prompts, ...):   # [B, C] int32, -1 where a row made no token
+    ...
+
+Prompts of different lengths share a batch: they are left-padded (position -1, never attended
+to) to a length bucket, a power of two >= `min_bucket`, so new prompt lengths rarely compile.
+The KV cache (models/kv_cache.py) gets a power-of-two number of slots >= bucket +
+max_new_tokens. `prefill` runs every prompt at once and samples the first token; `decode_chunk`
+is one jit whose `lax.while_loop` makes up to `chunk` tokens, stopping early once every row has
+met its stop token or its max_new_tokens; its state (the cache included) is donated, so the
+cache is updated in place. Sampling controls are traced: changing them never recompiles. Step i
+samples with `fold_in(key(seed), i)`, so results do not depend on the chunk size.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sampling.rules import sample_tokens
+
+
+def bucket(n: int, smallest: int) -> int:
+  """The smallest power of two >= max(n, smallest)."""
+  return max(smallest, 1 << max(n - 1, 0).bit_length())
+
+
+def _sample(state, logits, step):
+  """Samples every row's next token and updates the stop bookkeeping. logits: [B, V]."""
+  c = state['controls']
+  token = sample_tokens(jax.random.fold_in(state['key'], step), logits, c['temperature'],
+                        c['top_k'], c['top_p'])
+  live = ~state['done']
+  stop = token == state['eos']
+  emitted = jnp.where(live & ~stop, token, -1)
+  count = state['count'] + (live & ~stop)
+  done = state['done'] | stop | (count >= state['max_new'])
+  return dict(state, token=token, count=count, done=done), emitted
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
+def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: jax.Array,
+            eos: jax.Array, controls: dict, key: jax.Array, *, cache_len: int):
+  """tokens: [B, P] left-padded, lengths [B], max_new [B], eos [B] (-1: none).
+
+  Returns (state, first tokens [B]); state feeds `decode_chunk`.
+  """
+  model = nnx.merge(graphdef, params)
+  b, p = tokens.shape
+  positions = jnp.arange(p)[None, :] - (p - lengths)[:, None]
+  positions = jnp.where(positions >= 0, positions, -1)
+  logits, cache = model(tokens, positions, cache=model.init_cache(b, cache_len))
+  state = dict(cache=cache, index=jnp.int32(p), position=lengths.astype(jnp.int32),
+               step=jnp.int32(1), key=key, controls=controls, eos=eos.astype(jnp.int32),
+               max_new=max_new.astype(jnp.int32), count=jnp.zeros((b,), jnp.int32),
+               done=max_new <= 0, token=jnp.zeros((b,), jnp.int32))
+  return _sample(state, logits[:, -1], 0)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'chunk'), donate_argnames=('state',))
+def decode_chunk(graphdef, params, state: dict, *, chunk: int):
+  """Up to `chunk` decode steps: (state, tokens [B, chunk], -1 where nothing was made)."""
+  model = nnx.merge(graphdef, params)
+  b = state['token'].shape[0]
+
+  def cond(carry):
+    i, state, _ = carry
+    return (i < chunk) & ~jnp.all(state['done'])
+
+  def body(carry):
+    i, state, out = carry
+    logits, cache = model(state['token'][:, None], state['position'][:, None],
+                          cache=state['cache'], cache_index=state['index'])
+    state = dict(state, cache=cache, index=state['index'] + 1, position=state['position'] + 1,
+                 step=state['step'] + 1)
+    state, emitted = _sample(state, logits[:, 0], state['step'] - 1)
+    return i + 1, state, jax.lax.dynamic_update_index_in_dim(out, emitted, i, axis=1)
+
+  _, state, out = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, jnp.full((b, chunk), -1, jnp.int32)))
+  return state, out
+
+
+class Sampler:
+  """Generates from a decoder LM's (graphdef, params) with a KV cache. See the module docstring.
+
+  max_len: the model's longest position (prompt + new tokens must fit). eos_id: default stop
+  token (None: none). chunk: decode steps per jitted call (the streaming granularity).
+  """
+
+  def __init__(self, graphdef, params, *, max_len: int, eos_id: int | None = None,
+               pad_id: int = 0, chunk: int = 32, min_bucket: int = 16):
+    self.graphdef, self.params = graphdef, params
+    self.max_len, self.eos_id, self.pad_id = max_len, eos_id, pad_id
+    self.chunk, self.min_bucket = chunk, min_bucket
+
+  def check(self, prompts: Sequence[Sequence[int]], max_new_tokens, temperature: float,
+            top_k: int, top_p: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validates a request before anything compiles: (prompts, max_new_tokens per row)."""
+    if not 0 <= temperature < float('inf'):
+      raise ValueError(f'temperature={temperature!r}: must be >= 0 (0 is greedy).')
+    if not 0 <= top_k:
+      raise ValueError(f'top_k={top_k!r}: must be >= 0 (0 keeps every token).')
+    if not 0 < top_p <= 1:
+      raise ValueError(f'top_p={top_p!r}: must be in (0, 1] (1 keeps every token).')
+    if len(prompts) == 0:
+      raise ValueError('prompts is empty: give at least one prompt.')
+    arrays = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    max_new = np.broadcast_to(np.asarray(max_new_tokens), (len(arrays),))
+    if max_new.dtype.kind not in 'iu' or np.any(max_new < 0):
+      raise ValueError(f'max_new_tokens={max_new_tokens!r}: must be an integer >= 0 (or one '
+                       'per prompt).')
+    for i, (a, n) in enumerate(zip(arrays, max_new)):
+      if a.size == 0:
+        raise ValueError(f'prompt {i} is empty: give at least one token to continue.')
+      if a.size + n > self.max_len:
+        raise ValueError(f'prompt {i} ({a.size} tokens) + max_new_tokens={n} exceeds the model '
+                         f'maximum length model.max_len={self.max_len}.')
+    return arrays, max_new.astype(np.int32)
+
+  def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None) -> Iterator[np.ndarray]:
+    """Yields [B, n] int32 chunks of new tokens as they are made; -1 where a row made none.
+
+    max_new_tokens: one for all rows or one per row. A row stops after its max_new_tokens or
+    at the stop token `eos_id` (default: the sampler's), which is not emitted.
+    """
+    arrays, max_new = self.check(prompts, max_new_tokens, temperature, top_k, top_p)
+    eos = self.eos_id if eos_id is None else eos_id
+    p = bucket(max(a.size for a in arrays), self.min_bucket)
+    tokens = np.full((len(arrays), p), self.pad_id, np.int32)
+    for row, a in zip(tokens, arrays):
+      row[p - a.size:] = a
+    controls = dict(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
+                    top_p=jnp.float32(top_p))
+    state, first = prefill(
+        self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray([a.size for a in arrays]),
+        jnp.asarray(max_new), jnp.full((len(arrays),), -1 if eos is None else eos, jnp.int32),
+        controls, jax.random.key(seed), cache_len=bucket(p + int(max_new.max()), self.min_bucket))
+    if max_new.max() == 0:
+      return
+    yield np.asarray(first)[:, None]
+    while not bool(np.all(np.asarray(state['done']))):
+      state, out = decode_chunk(self.graphdef, self.params, state, chunk=self.chunk)
+      yield np.asarray(out)
+
+  def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[np.ndarray]:
+    """One 1-D int32 array of new tokens per prompt, without the stop token. Args: `stream`."""
+    chunks = list(self.stream(prompts, **kwargs))
+    if not chunks:
+      return [np.zeros((0,), np.int32) for _ in prompts]
+    out = np.concatenate(chunks, axis=1)
+    return [row[row >= 0] for row in out]

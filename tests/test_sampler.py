@@ -1,0 +1,257 @@
+"""The KV cache and the cached sampler against the full forward pass and the reference generator.
+
+Independent references: the model's own uncached forward pass over the whole sequence (logits at
+every decode step), sampling/reference.py (full recompute per token), numpy top-k / top-p
+filtering and a chi-square test of sampled frequencies.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from configs import default
+from models import build_model, kv_cache
+from sampling import sampler as sampler_lib
+from sampling.reference import generate_reference
+from sampling.rules import sample_tokens
+from sampling.sampler import Sampler
+from tests.test_sampling_rules import numpy_filter
+
+ATOL = 1e-4
+
+
+def split_model(config):
+  model = build_model(config, nnx.Rngs(0))
+  return nnx.split(model, nnx.Param)
+
+
+def cached_logits(graphdef, params, tokens, lengths, new_tokens, cache_len):
+  """Prefill the left-padded prompts, then feed `new_tokens` [B, n] one step at a time.
+
+  Returns (prefill logits at each row's last prompt token [B, V], step logits [B, n, V]).
+  """
+  b, p = tokens.shape
+  positions = jnp.arange(p)[None] - (p - lengths)[:, None]
+  positions = jnp.where(positions >= 0, positions, -1)
+
+  @jax.jit
+  def run(params, tokens, positions, new_tokens):
+    model = nnx.merge(graphdef, params)
+    logits, cache = model(tokens, positions, cache=model.init_cache(b, cache_len))
+
+    def step(cache, xs):
+      i, token = xs
+      pos = lengths + i
+      out, cache = model(token[:, None], pos[:, None], cache=cache, cache_index=p + i)
+      return cache, out[:, 0]
+
+    n = new_tokens.shape[1]
+    _, steps = jax.lax.scan(step, cache, (jnp.arange(n), new_tokens.T))
+    return logits[:, -1], steps.transpose(1, 0, 2)
+
+  return run(params, tokens, positions, new_tokens)
+
+
+CASES = {   # name: (config overrides, prompt lengths, decode steps, cache slots)
+    'mha': ({'model.num_kv_heads': 4}, (5, 9, 12), 12, 32),
+    'gqa': ({'model.num_kv_heads': 2}, (5, 9, 12), 12, 32),
+    'mqa': ({'model.num_kv_heads': 1}, (5, 9, 12), 12, 32),
+    'rope_scaled': ({'model.rope_scaling.kind': 'linear', 'model.rope_scaling.factor': 4.0},
+                    (3, 16, 7), 12, 32),
+    'learned': ({'model.positional': 'learned'}, (4, 11, 8), 12, 32),
+    'sinusoidal': ({'model.positional': 'sinusoidal', 'model.norm_position': 'post'},
+                   (4, 11, 8), 12, 32),
+    # window 6: prompts shorter and longer than W, then 40 steps: the ring wraps many times
+    'sliding_window': ({'model.sliding_window': 6}, (3, 10, 6), 40, 64),
+    # past the first 128-slot view: decode switches to the 256 view mid-way
+    'long': ({'model.num_kv_heads': 1}, (100, 120, 60), 40, 256),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_decode_logits_equal_full_forward(tiny_config, case):
+  overrides, lengths, n, cache_len = CASES[case]
+  graphdef, params = split_model(tiny_config(overrides))
+  rng = np.random.RandomState(0)
+  b, p = len(lengths), max(lengths)
+  seqs = rng.randint(0, 256, (b, p + n)).astype(np.int32)
+  full = np.asarray(jax.jit(lambda prm, x: nnx.merge(graphdef, prm)(x))(params, seqs))
+  tokens = np.zeros((b, p), np.int32)
+  new = np.zeros((b, n), np.int32)
+  for row, length in enumerate(lengths):
+    tokens[row, p - length:] = seqs[row, :length]
+    new[row] = seqs[row, length:length + n]
+  first, steps = cached_logits(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               jnp.asarray(new), cache_len)
+  for row, length in enumerate(lengths):
+    np.testing.assert_allclose(first[row], full[row, length - 1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(steps[row], full[row, length:length + n], atol=ATOL, rtol=0)
+  assert np.abs(full).max() > 0.05    # logits are not all ~0, so the comparison means something
+
+
+def test_ring_cache_holds_window_slots_and_positions():
+  cache = kv_cache.init(2, 64, 2, 8, window=4)
+  assert cache.k.shape == (2, 4, 2, 8) and cache.pos.shape == (2, 4)
+  k = jnp.arange(7, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 7, 2, 8))
+  cache = kv_cache.prefill(cache, k, k, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+  np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 3])      # slot = position % 4
+  np.testing.assert_array_equal(cache.k[0, :, 0, 0], [4, 5, 6, 3])
+  one = jnp.full((2, 1, 2, 8), 7.0)
+  cache = kv_cache.append(cache, one, one, jnp.full((2, 1), 7), jnp.int32(7))
+  np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 7])
+
+
+def test_cache_bytes_scale_with_kv_heads(tiny_config):
+  def cache_bytes(overrides):
+    model = build_model(tiny_config(overrides), nnx.Rngs(0))
+    cache = jax.eval_shape(lambda: model.init_cache(2, 256))
+    return sum(x.size * x.dtype.itemsize for c in cache for x in (c.k, c.v))
+
+  assert cache_bytes({'model.num_kv_heads': 4}) == 4 * cache_bytes({'model.num_kv_heads': 1})
+  assert cache_bytes({'model.num_kv_heads': 4}) == 2 * cache_bytes({'model.num_kv_heads': 2})
+  assert cache_bytes({'model.sliding_window': 16}) * 16 == cache_bytes({}) * 1
+
+
+def test_view_sizes():
+  assert kv_cache.view_sizes(64) == [64]
+  assert kv_cache.view_sizes(1024) == [128, 256, 512, 1024]
+  assert kv_cache.view_sizes(300) == [128, 256, 300]
+
+
+# --- the sampler -----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  return split_model(default.get_config('tiny'))
+
+
+def test_greedy_equals_reference_generator(tiny_model):
+  graphdef, params = tiny_model
+  prompts = np.random.RandomState(1).randint(0, 256, (3, 11)).astype(np.int32)
+  ref = np.asarray(generate_reference(graphdef, params, jnp.asarray(prompts), jax.random.key(0),
+                                      max_new_tokens=40))[:, 11:]
+  out = Sampler(graphdef, params, max_len=256, chunk=7).generate(list(prompts), max_new_tokens=40)
+  np.testing.assert_array_equal(np.stack(out), ref)
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(tiny_model):
+  graphdef, params = tiny_model
+  rng = np.random.RandomState(2)
+  prompts = [rng.randint(0, 256, n).astype(np.int32) for n in (3, 17, 9)]
+  out = Sampler(graphdef, params, max_len=256, chunk=8).generate(prompts, max_new_tokens=20)
+  for prompt, got in zip(prompts, out):
+    ref = generate_reference(graphdef, params, jnp.asarray(prompt[None]), jax.random.key(0),
+                             max_new_tokens=20)
+    np.testing.assert_array_equal(got, np.asarray(ref)[0, prompt.size:])
+
+
+def test_stop_tokens_and_max_new_tokens_per_row(tiny_model):
+  graphdef, params = tiny_model
+  sampler = Sampler(graphdef, params, max_len=256, chunk=4)
+  prompts = list(np.random.RandomState(3).randint(0, 256, (3, 6)).astype(np.int32))
+  free = sampler.generate(prompts, max_new_tokens=24)
+  eos = int(free[0][5])                  # row 0 makes this token at step 5 (maybe earlier too)
+  stopped = sampler.generate(prompts, max_new_tokens=24, eos_id=eos)
+  for full, got in zip(free, stopped):
+    cut = np.flatnonzero(full == eos)
+    np.testing.assert_array_equal(got, full[:cut[0]] if cut.size else full)
+  assert stopped[0].size <= 5
+  per_row = sampler.generate(prompts, max_new_tokens=[3, 0, 24])
+  assert [r.size for r in per_row] == [3, 0, 24]
+  np.testing.assert_array_equal(per_row[2], free[2])
+  assert all(r.size == 0 for r in sampler.generate(prompts, max_new_tokens=0))
+
+
+def test_seeded_and_independent_of_chunk_size(tiny_model):
+  graphdef, params = tiny_model
+  prompts = list(np.random.RandomState(4).randint(0, 256, (2, 5)).astype(np.int32))
+  kw = dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7)
+  a = Sampler(graphdef, params, max_len=256, chunk=4).generate(prompts, **kw)
+  b = Sampler(graphdef, params, max_len=256, chunk=16).generate(prompts, **kw)
+  c = Sampler(graphdef, params, max_len=256, chunk=4).generate(prompts, **dict(kw, seed=8))
+  np.testing.assert_array_equal(np.stack(a), np.stack(b))
+  assert not np.array_equal(np.stack(a), np.stack(c))
+
+
+@pytest.mark.parametrize('top_k, top_p', [(3, 1.0), (0, 0.3), (8, 0.5)])
+def test_top_k_top_p_never_emit_excluded_tokens(tiny_config, top_k, top_p):
+  # A larger init makes the next-token distributions peaked, so the filters really exclude.
+  graphdef, params = split_model(tiny_config({'model.init_std': 0.5}))
+  prompts = np.random.RandomState(5).randint(0, 256, (4, 6)).astype(np.int32)
+  out = np.stack(Sampler(graphdef, params, max_len=256).generate(
+      list(prompts), max_new_tokens=24, temperature=1.0, top_k=top_k, top_p=top_p, seed=1))
+  seqs = np.concatenate([prompts, out], axis=1)
+  logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(seqs)))
+  excluded_somewhere = False
+  for row in range(seqs.shape[0]):
+    for t in range(out.shape[1]):
+      allowed = np.isfinite(numpy_filter(logits[row, 5 + t], top_k, top_p))
+      assert allowed[out[row, t]], (row, t)
+      excluded_somewhere |= not allowed.all()
+  assert excluded_somewhere
+
+
+@pytest.mark.parametrize('temperature, top_k, top_p', [(1.0, 0, 1.0), (0.7, 0, 1.0),
+                                                       (1.0, 4, 1.0), (1.0, 0, 0.8)])
+def test_sampled_frequencies_match_distribution(temperature, top_k, top_p):
+  logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
+  n = 40_000
+  tokens = sample_tokens(jax.random.key(0), jnp.broadcast_to(jnp.asarray(logits), (n, 8)),
+                         temperature, top_k, top_p)
+  counts = np.bincount(np.asarray(tokens), minlength=8)
+  kept = numpy_filter(logits / temperature, top_k, top_p).astype(np.float64)
+  probs = np.exp(kept - kept[np.isfinite(kept)].max())
+  probs /= probs.sum()
+  assert counts[probs == 0].sum() == 0
+  nz = probs > 0
+  result = scipy.stats.chisquare(counts[nz], n * probs[nz])
+  assert result.pvalue > 1e-3, (counts, n * probs)
+
+
+def test_no_recompilation_within_a_prompt_bucket(tiny_model):
+  graphdef, params = tiny_model
+  sampler = Sampler(graphdef, params, max_len=256, chunk=8, min_bucket=16)
+  rng = np.random.RandomState(6)
+  sampler.generate([rng.randint(0, 256, 9)], max_new_tokens=20)   # compiles (or finds) them
+  sizes = (sampler_lib.prefill._cache_size(), sampler_lib.decode_chunk._cache_size())
+  for n in (10, 12, 13, 16):
+    sampler.generate([rng.randint(0, 256, n)], max_new_tokens=20, temperature=0.5, top_k=n)
+  assert (sampler_lib.prefill._cache_size(), sampler_lib.decode_chunk._cache_size()) == sizes
+
+
+def test_decode_updates_the_cache_in_place(tiny_model):
+  """The compiled decode loop holds no copy of a cache buffer (it would cost O(L) a token)."""
+  graphdef, params = tiny_model
+  state, _ = sampler_lib.prefill(
+      graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([10]), jnp.array([50]),
+      jnp.array([-1]), dict(temperature=jnp.float32(0), top_k=jnp.int32(0),
+                            top_p=jnp.float32(1)), jax.random.key(0), cache_len=512)
+  hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
+  shapes = {'f32[1,512,2,16]', 's32[1,512]'}
+  assert 'f32[1,512,2,16]' in hlo
+  copies = [line for line in hlo.splitlines()
+            if re.search(r'= (\S+?)\{[^}]*\} copy(-start)?\(', line)
+            and re.search(r'= (\S+?)\{', line).group(1) in shapes]
+  assert not copies, copies[:3]
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(prompts=[[1, 2], []]), 'prompt 1 is empty'),
+    (dict(prompts=[]), 'prompts is empty'),
+    (dict(prompts=[list(range(250))], max_new_tokens=10), 'exceeds the model maximum length'),
+    (dict(max_new_tokens=-1), 'max_new_tokens=-1'),
+    (dict(top_p=0.0), r'top_p=0.0: must be in \(0, 1\]'),
+    (dict(top_p=1.5), r'top_p=1.5'),
+    (dict(temperature=-1.0), 'temperature=-1.0'),
+    (dict(top_k=-2), 'top_k=-2'),
+])
+def test_bad_requests_raise_clear_errors(tiny_model, kwargs, message):
+  graphdef, params = tiny_model
+  kwargs = dict(dict(prompts=[[1, 2, 3]], max_new_tokens=4), **kwargs)
+  prompts = kwargs.pop('prompts')
+  with pytest.raises(ValueError, match=message):
+    Sampler(graphdef, params, max_len=256).generate(prompts, **kwargs)
