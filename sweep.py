@@ -1,0 +1,51 @@
+"""Run an ablation sweep: python sweep.py --sweep=configs/sweeps/X.py[:arg] --workdir=DIR.
+
+Each trial trains in DIR/<trial>/ through train.py; a rerun skips finished trials and resumes
+interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png.
+"""
+from absl import app, flags
+
+from configs import schema
+from sweeps import report, runner, spec
+
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg] defining get_sweep().')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory holding one folder per trial.')
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'Where trials run.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: trials run at once.')
+_RAY_ADDRESS = flags.DEFINE_string('ray_address', None,
+                                   'Ray backend: join this cluster (else start a local one).')
+_RAY_CPUS = flags.DEFINE_integer('ray_num_cpus', None, 'Local Ray instance: CPUs (default all).')
+_CPUS = flags.DEFINE_float('cpus_per_trial', 1, 'Ray backend: CPUs each trial requests.')
+_GPUS = flags.DEFINE_float('gpus_per_trial', 0, 'Ray backend: GPUs each trial requests.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False,
+                                 'Only regenerate the report from DIR (no --sweep needed).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    if not _REPORT_ONLY.value:
+      if not _SWEEP.value:
+        raise app.UsageError('--sweep is required (unless --report_only).')
+      if _PARALLEL.value < 1:
+        raise app.UsageError(f'--parallel={_PARALLEL.value}: must be >= 1.')
+      sweep = spec.load(_SWEEP.value)  # every trial validated before any runs
+      runner.prepare(_WORKDIR.value, sweep)
+      if _BACKEND.value == 'ray':
+        results = runner.run_ray(_WORKDIR.value, sweep, _RAY_ADDRESS.value, _RAY_CPUS.value,
+                                 _CPUS.value, _GPUS.value)
+      else:
+        results = runner.run_local(_WORKDIR.value, sweep, _PARALLEL.value)
+    rows = report.write_report(_WORKDIR.value)
+  except (spec.SweepError, schema.ConfigError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'Report: {_WORKDIR.value}/results.md, results.csv, loss_curves.png')
+  failed = [r['trial'] for r in rows if r['status'] != 'done']
+  if failed:
+    raise SystemExit(f'{len(failed)} of {len(rows)} trials not done: {", ".join(failed)}')
+
+
+if __name__ == '__main__':
+  app.run(main)

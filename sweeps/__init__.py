@@ -1,0 +1,1 @@
+"""Ablation sweeps: sweep files (spec), local and Ray runners (runner), reports (report)."""

@@ -1,0 +1,191 @@
+"""Sweep files: loading, grid/zip helpers, seeds, trial naming and up-front validation.
+
+A sweep file defines `get_sweep(arg=None)` returning
+  {'config': 'configs/default.py[:variant]',   # the base config file
+   'base': {'train.steps': 200},                # overrides shared by every trial (optional)
+   'trials': [{'model.num_kv_heads': 1}, ...],  # one override dict per trial; keys are config paths
+   'seeds': [0, 1, 2] or 'repeats': 3}          # optional: every trial once per train.seed
+Every trial is resolved and validated before any trial runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from configs import schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP_KEYS = ('config', 'base', 'trials', 'seeds', 'repeats')
+SEED_KEY = 'train.seed'
+
+
+class SweepError(ValueError):
+  """A sweep file or one of its trials is not usable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One resolved trial. `overrides` are the trial's own (not the base's); `name` is its folder."""
+  index: int
+  name: str
+  overrides: dict
+  config: ml_collections.ConfigDict
+  hash: str
+
+  @property
+  def group(self) -> tuple:
+    """Overrides without the seed: repeats over seeds share a group."""
+    return tuple((k, v) for k, v in self.overrides.items() if k != SEED_KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  source: str                # the sweep file[:arg] as given
+  config_file: str           # the base config file[:variant], as the sweep file names it
+  base: dict
+  trials: list
+
+
+def grid(axes: Mapping[str, Sequence[Any]]) -> list[dict]:
+  """All combinations: grid({'a': [1, 2], 'b': ['x', 'y']}) -> 4 trials, the last key fastest."""
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def zipped(axes: Mapping[str, Sequence[Any]]) -> list[dict]:
+  """Values taken together: zipped({'a': [1, 2], 'b': [3, 4]}) -> [{a: 1, b: 3}, {a: 2, b: 4}]."""
+  lengths = {k: len(v) for k, v in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise SweepError(f'zipped: every axis needs the same number of values; got {lengths}.')
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in zip(*(axes[k] for k in keys))]
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    return f'{value:g}'
+  return str(value)
+
+
+def describe(overrides: Mapping[str, Any]) -> str:
+  """'num_kv_heads=1, seed=0': leaf names and values, for labels and tables."""
+  return ', '.join(f'{k.rsplit(".", 1)[-1]}={_format(v)}' for k, v in overrides.items()) or 'base'
+
+
+def trial_name(overrides: Mapping[str, Any], config_hash: str, max_slug: int = 80) -> str:
+  """Folder name: a readable slug of the overrides, then the resolved config's hash.
+
+  {'model.num_kv_heads': 1, 'train.seed': 0} -> 'num_kv_heads=1,seed=0-<12 hex>'.
+  """
+  slug = ','.join(f'{k.rsplit(".", 1)[-1]}={_format(v)}' for k, v in overrides.items())
+  slug = re.sub(r'[^A-Za-z0-9._=,+-]', '_', slug)[:max_slug] or 'base'
+  return f'{slug}-{config_hash}'
+
+
+def resolve_config_file(spec: str) -> str:
+  """'configs/x.py[:arg]' relative to the working directory or the repository root -> absolute."""
+  path, sep, arg = spec.partition(':')
+  for candidate in (path, os.path.join(ROOT, path)):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate) + sep + arg
+  raise SweepError(f"sweep 'config': no config file {path!r} (relative to the working directory "
+                   f'or {ROOT}).')
+
+
+def load_module(path: str, what: str):
+  if not os.path.isfile(path):
+    raise SweepError(f'{what}: no such file {path!r}.')
+  name = 'lmx_' + re.sub(r'\W', '_', os.path.abspath(path))
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def load_base_config(config_file: str) -> ml_collections.ConfigDict:
+  """The config a 'configs/x.py[:arg]' file defines (as train.py's --config flag would)."""
+  path, _, arg = resolve_config_file(config_file).partition(':')
+  module = load_module(path, 'config file')
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def _check_overrides(overrides: Any, where: str) -> dict:
+  if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
+    raise SweepError(f'{where}: must be a dict of config paths to values, got {overrides!r}.')
+  return dict(overrides)
+
+
+def _seeds(raw: Mapping[str, Any], where: str, default_seed: int) -> list | None:
+  if 'seeds' in raw and 'repeats' in raw:
+    raise SweepError(f"{where}: give 'seeds' or 'repeats', not both.")
+  if 'repeats' in raw:
+    n = raw['repeats']
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise SweepError(f"{where}: 'repeats'={n!r} must be a positive integer.")
+    return [default_seed + i for i in range(n)]
+  if 'seeds' in raw:
+    seeds = raw['seeds']
+    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+      raise SweepError(f"{where}: 'seeds'={seeds!r} must be a non-empty list of distinct ints.")
+    return list(seeds)
+  return None
+
+
+def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
+  """Resolves and validates every trial of a `get_sweep()` dict; raises before anything runs."""
+  if not isinstance(raw, Mapping):
+    raise SweepError(f'{source}: get_sweep() must return a dict, got {type(raw).__name__}.')
+  unknown = sorted(set(raw) - set(SWEEP_KEYS))
+  if unknown:
+    raise SweepError(f'{source}: unknown sweep field(s) {unknown}; allowed: {", ".join(SWEEP_KEYS)}.')
+  if not isinstance(raw.get('config'), str):
+    raise SweepError(f"{source}: 'config' must name a config file, e.g. 'configs/default.py:tiny'.")
+  base = _check_overrides(raw.get('base', {}), f"{source}: 'base'")
+  trials_raw = raw.get('trials')
+  if not isinstance(trials_raw, (list, tuple)) or not trials_raw:
+    raise SweepError(f"{source}: 'trials' must be a non-empty list of override dicts.")
+  base_config = schema.apply_overrides(load_base_config(raw['config']), base,
+                                       where=f"{source}: 'base'")
+  seeds = _seeds(raw, source, base_config.train.seed)
+  expanded = []
+  for i, overrides in enumerate(trials_raw):
+    overrides = _check_overrides(overrides, f'{source}: trial {i}')
+    if seeds is None:
+      expanded.append((i, overrides))
+      continue
+    if SEED_KEY in overrides:
+      raise SweepError(f"{source}: trial {i} ({describe(overrides)}) sets {SEED_KEY} and the "
+                       "sweep has 'seeds'/'repeats'; use one of them.")
+    expanded += [(i, {**overrides, SEED_KEY: s}) for s in seeds]
+  trials, names = [], {}
+  for index, (i, overrides) in enumerate(expanded):
+    where = f'{source}: trial {i} ({describe(overrides)})'
+    try:
+      config = schema.validate(schema.apply_overrides(base_config, overrides, where=where))
+    except schema.ConfigError as e:
+      message = str(e)
+      raise SweepError(message if message.startswith(where) else f'{where}: {message}') from None
+    h = schema.config_hash(config)
+    if h in names:
+      raise SweepError(f'{source}: trials {names[h]} and {i} resolve to the same config '
+                       f'({describe(overrides)}).')
+    names[h] = i
+    trials.append(Trial(index, trial_name(overrides, h), overrides, config, h))
+  return Sweep(source, raw['config'], base, trials)
+
+
+def load(spec: str) -> Sweep:
+  """Loads 'path/to/sweep.py[:arg]' (calls get_sweep(arg)) and validates every trial."""
+  path, _, arg = spec.partition(':')
+  module = load_module(path, '--sweep')
+  if not hasattr(module, 'get_sweep'):
+    raise SweepError(f'--sweep={spec}: the file defines no get_sweep().')
+  raw = module.get_sweep(arg) if arg else module.get_sweep()
+  return build(raw, source=spec)
