@@ -3,7 +3,7 @@
 Each trial trains in DIR/<trial>/ through train.py; a rerun skips finished trials and resumes
 interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png.
 """
-from absl import app, flags
+from absl import app, flags, logging
 
 from configs import schema
 from sweeps import report, runner, spec
@@ -25,6 +25,8 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   try:
     if not _REPORT_ONLY.value:
       if not _SWEEP.value:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from configs import schema
+from sweeps import spec
 from sweeps.spec import ROOT, Sweep, Trial, describe
 from training.metrics import read_metrics
 
@@ -23,7 +24,8 @@ ERROR_TAIL_LINES = 20
 
 
 def trial_dir(workdir: str, trial: Trial) -> str:
-  return os.path.join(workdir, trial.name)
+  """Absolute: train.py runs with the repository root as its working directory."""
+  return os.path.join(os.path.abspath(workdir), trial.name)
 
 
 def read_json(path: str, default=None):
@@ -143,9 +145,11 @@ def run_ray(workdir: str, sweep: Sweep, address: str | None = None, num_cpus: in
   """Each trial a Ray task with the given resource requests. `address` joins a running cluster
   (whose nodes must see WORKDIR and this checkout at the same paths); otherwise a local Ray
   instance with `num_cpus` CPUs starts. A trial whose task dies is reported as failed."""
-  import ray  # optional dependency: the `ray` extra
+  try:
+    import ray  # optional dependency: the `ray` extra
+  except ImportError:
+    raise spec.SweepError("--backend=ray needs Ray: pip install '.[ray]'.") from None
 
-  workdir = os.path.abspath(workdir)
   started = not ray.is_initialized()
   if started:
     kwargs = dict(address=address) if address else dict(num_cpus=num_cpus)

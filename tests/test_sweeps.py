@@ -60,6 +60,8 @@ def test_trial_names_are_slug_plus_config_hash(tmp_path):
   assert sweep.trials[0].name == f'num_kv_heads=1-{expected_hash}'
   assert sweep.trials[2].name.startswith('sliding_window=32-')
   assert len({t.hash for t in sweep.trials}) == 3
+  # train.py runs from the repository root: trial folders are absolute whatever --workdir is.
+  assert runner.trial_dir('out', sweep.trials[0]) == os.path.abspath(f'out/{sweep.trials[0].name}')
   # The hash survives the JSON round trip train.py's config.json goes through.
   assert schema.config_hash(schema.from_json(schema.to_json(config))) == expected_hash
 
