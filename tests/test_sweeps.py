@@ -101,6 +101,14 @@ def test_unknown_key_fails_before_any_trial(tmp_path):
   assert not workdir.exists()  # nothing ran, nothing was written
 
 
+@pytest.mark.parametrize('sweep_file, count', [
+    ('kv_heads.py', 4), ('kv_heads.py:short', 4), ('kv_heads.py:quick', 2), ('positional.py', 3),
+    ('window.py', 3)])
+def test_shipped_sweeps_validate(sweep_file, count):
+  sweep = spec.load(os.path.join(ROOT, 'configs', 'sweeps', sweep_file))
+  assert len(sweep.trials) == count
+
+
 # --- reports from trial folders (fast: no training) ---
 
 def fake_trial(workdir, trial, status, eval_losses, train_loss, speed):

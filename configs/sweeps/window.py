@@ -12,6 +12,7 @@ BASE = {'train.steps': 300, 'train.eval_every': 50, 'train.checkpoint_every': 10
 
 
 def get_sweep(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f'configs/sweeps/window.py has no variants (got {arg!r}).')
   return {'config': 'configs/default.py', 'base': BASE,
           'trials': grid({'model.sliding_window': [64, 256, None]})}
