@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=4,                   # decoder-only depth
       num_encoder_layers=0,           # encoder-decoder only
       num_decoder_layers=0,           # encoder-decoder only
+      pad_id=256,                     # encoder-decoder: source tokens with this id are padding
       d_model=256,
       num_heads=8,
       num_kv_heads=2,                 # 1 = MQA, num_heads = MHA, else GQA
@@ -67,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=256,
       eval_percent=2.0,               # share of files (by path hash) held out
       num_workers=0,                  # grain worker processes
+      # Encoder-decoder data (training/seq2seq_data.py); the decoder-only model uses 'lm'.
+      task='lm',                      # 'lm' | 'pairs' | 'span_corruption' | 'addition' | 'reversal'
+      source_len=128,                 # encoder-decoder: longest source; data.seq_len: longest target
+      noise_density=0.15,             # span_corruption: share of tokens masked
+      mean_span_length=3.0,           # span_corruption: mean masked span length (tokens)
+      synthetic_length=8,             # addition: max digits per operand; reversal: max characters
   )
   c.train = dict(
       steps=360,

@@ -25,13 +25,15 @@ ENUMS = {
     'model.remat': ('none', 'full', 'save_dots'),
     'model.rope_scaling.kind': ('none', 'linear', 'llama3'),
     'data.corpus': ('stdlib', 'files'),
+    'data.task': ('lm', 'pairs', 'span_corruption', 'addition', 'reversal'),
 }
+SEQ2SEQ_TASKS = ('pairs', 'span_corruption', 'addition', 'reversal')
 POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_heads', 'model.num_kv_heads',
     'model.mlp_dim', 'model.max_len', 'model.head_dim', 'model.sliding_window',
     'data.seq_len', 'train.steps', 'train.batch_size', 'train.grad_accum_steps',
     'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
-    'train.keep_checkpoints',
+    'train.keep_checkpoints', 'data.source_len', 'data.synthetic_length',
 )
 NON_NEGATIVE = ('train.warmup_steps', 'train.learning_rate', 'train.weight_decay',
                 'train.grad_clip', 'model.norm_eps', 'data.num_workers')
@@ -128,6 +130,30 @@ def _check_rope_scaling(m) -> None:
                         'positive integer.')
 
 
+def _check_seq2seq(m, d) -> None:
+  """The encoder-decoder's data fields, and that model kind and data task agree."""
+  if m.kind == 'decoder' and d.task != 'lm':
+    raise ConfigError(f'data.task={d.task!r} needs model.kind=encoder_decoder; the decoder-only '
+                      "model trains on data.task='lm'.")
+  if m.kind == 'encoder_decoder':
+    if d.task == 'lm':
+      raise ConfigError("data.task='lm' is for model.kind=decoder; choose one of "
+                        f'{", ".join(SEQ2SEQ_TASKS)} for model.kind=encoder_decoder.')
+    if not isinstance(m.pad_id, int) or not 0 <= m.pad_id < m.vocab_size:
+      raise ConfigError(f'model.pad_id={m.pad_id!r}: must be a token id in [0, '
+                        f'model.vocab_size={m.vocab_size}).')
+    if d.source_len > m.max_len:
+      raise ConfigError(f'data.source_len={d.source_len} exceeds model.max_len={m.max_len}.')
+  if d.task == 'pairs' and not d.files.strip():
+    raise ConfigError("data.files is empty: give the JSONL or TSV pairs files (comma-separated "
+                      "paths or globs) when data.task='pairs'.")
+  if d.task == 'span_corruption':
+    if not 0 < d.noise_density < 1:
+      raise ConfigError(f'data.noise_density={d.noise_density!r}: must be in (0, 1).')
+    if not d.mean_span_length >= 1:
+      raise ConfigError(f'data.mean_span_length={d.mean_span_length!r}: must be >= 1.')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; raises ConfigError naming the first bad field. Returns `config`."""
   check_keys(flatten(config.to_dict()))
@@ -164,6 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(m[name], int) or m[name] <= 0:
       raise ConfigError(f'model.{name}={m[name]!r}: must be a positive integer for '
                         f'model.kind={m.kind}.')
+  _check_seq2seq(m, d)
   if d.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}.')
   if d.corpus == 'files' and not d.files.strip():

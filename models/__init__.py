@@ -5,8 +5,9 @@ import ml_collections
 from flax import nnx
 
 from models.decoder import DecoderLM
+from models.encoder_decoder import EncoderDecoder
 
-MODELS = {'decoder': DecoderLM}
+MODELS = {'decoder': DecoderLM, 'encoder_decoder': EncoderDecoder}
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:

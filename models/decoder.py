@@ -14,17 +14,23 @@ def layer_window(cfg, layer: int) -> int | None:
 
 
 class DecoderLM(nnx.Module):
-  """tokens [B, T] -> logits [B, T, V] (fp32)."""
+  """tokens [B, T] -> logits [B, T, V] (fp32).
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  With `cross_attention=True` every block also attends over a `context` (the decoder of
+  models/encoder_decoder.py); `num_layers` overrides `cfg.num_layers`.
+  """
+
+  def __init__(self, cfg, rngs: nnx.Rngs, *, num_layers: int | None = None,
+               cross_attention: bool = False):
     self.d_model, self.positional = cfg.d_model, cfg.positional
     self.scale_embeddings = cfg.scale_embeddings
     emb = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
     self.pos_embed = (Embed(cfg.max_len, cfg.d_model, axes=(None, 'embed'), **emb)
                       if cfg.positional == 'learned' else None)
-    self.layers = nnx.List([Block(cfg, rngs, sliding_window=layer_window(cfg, i))
-                            for i in range(cfg.num_layers)])
+    self.layers = nnx.List([Block(cfg, rngs, sliding_window=layer_window(cfg, i),
+                                  cross_attention=cross_attention)
+                            for i in range(cfg.num_layers if num_layers is None else num_layers)])
     self.final_norm = make_norm(cfg) if cfg.norm_position == 'pre' else None
     self.lm_head = (None if cfg.tie_embeddings else
                     Projection((cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
@@ -59,12 +65,14 @@ class DecoderLM(nnx.Module):
   def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                segment_ids: jnp.ndarray | None = None, *,
                cache: list[kv_cache.LayerCache] | None = None,
-               cache_index: jnp.ndarray | None = None):
+               cache_index: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
+               context_mask: jnp.ndarray | None = None):
     """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1.
 
     With `cache` (from `init_cache`) returns (logits, updated cache): cache_index None
     prefills the empty cache with the prompt, else tokens are decoded at slot cache_index;
     positions are then required, -1 marking left padding (see models/kv_cache.py).
+    context [B, S, D], context_mask [B, S] (True = real token): cross-attention input.
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -72,10 +80,11 @@ class DecoderLM(nnx.Module):
       x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
       new_cache = []
       for layer, layer_cache in zip(self.layers, cache):
-        x, layer_cache = layer(x, positions, cache=layer_cache, cache_index=cache_index)
+        x, layer_cache = layer(x, positions, cache=layer_cache, cache_index=cache_index,
+                               context=context, context_mask=context_mask)
         new_cache.append(layer_cache)
       return self.logits(x), new_cache
     x = self.embed_tokens(tokens, positions)
     for layer in self.layers:
-      x = layer(x, positions, segment_ids=segment_ids)
+      x = layer(x, positions, segment_ids=segment_ids, context=context, context_mask=context_mask)
     return self.logits(x)
