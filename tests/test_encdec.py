@@ -1,5 +1,8 @@
-"""Encoder-decoder model against independent references: einsum-softmax cross attention,
-padding invariance, bidirectional encoder, shared embeddings."""
+"""Encoder-decoder against independent references: einsum-softmax cross attention, padding
+invariance, span corruption inverted by hand, synthetic answers computed by Python."""
+import itertools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,10 @@ from flax import nnx
 
 from configs import encdec, schema
 from models import build_model, layers
+from sampling import encdec as encdec_sampling
+from training import seq2seq_data, span_corruption
+from training.data import DataError
+from training.tokenizer import ByteTokenizer
 
 ARCHS = ['modern', 'paper']
 
@@ -94,3 +101,162 @@ def test_config_errors_name_the_field():
     config('pairs,tiny')
   with pytest.raises(ValueError, match='TASK'):
     encdec.get_config('adition')
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def reconstruct(inputs, targets, first_sentinel):
+  """Independent inverse of span corruption: each sentinel in the inputs is replaced by the
+  tokens that follow the same sentinel in the targets."""
+  spans, current = {}, None
+  for tok in targets:
+    if tok >= first_sentinel:
+      current = spans.setdefault(int(tok), [])
+    else:
+      current.append(int(tok))
+  out = []
+  for tok in inputs:
+    out += spans[int(tok)] if tok >= first_sentinel else [int(tok)]
+  return out
+
+
+@pytest.mark.parametrize('n,density,mean', [(2, 0.15, 3.0), (37, 0.15, 3.0), (200, 0.5, 1.0),
+                                            (64, 0.3, 8.0)])
+def test_span_corruption_inputs_and_targets_reconstruct_the_text(n, density, mean):
+  tok = ByteTokenizer()
+  rng = np.random.default_rng(n)
+  text = rng.integers(0, 256, n).astype(np.int32)
+  for seed in range(5):
+    inputs, targets = span_corruption.corrupt(
+        text, np.random.default_rng(seed), noise_density=density, mean_span_length=mean,
+        first_sentinel=tok.first_sentinel)
+    assert reconstruct(inputs, targets, tok.first_sentinel) == text.tolist()
+    noise, spans = span_corruption.span_counts(n, density, mean)
+    assert np.sum(targets < tok.first_sentinel) == noise
+    assert np.sum(inputs >= tok.first_sentinel) == spans
+    assert (inputs.size + 1, targets.size + 1) == span_corruption.corrupted_lengths(n, density,
+                                                                                    mean)
+
+
+def test_span_corruption_batches_fit_and_reconstruct():
+  cfg = config('span,tiny')
+  tok = ByteTokenizer()
+  data = seq2seq_data.load(cfg, tok)
+  batch = next(iter(data.train))
+  assert batch['sources'].shape == (4, cfg.data.source_len)
+  for row in range(4):
+    src = batch['sources'][row]
+    tgt = batch['targets'][row][batch['weights'][row] > 0]
+    assert src[src != tok.pad_id][-1] == tok.eos_id and tgt[-1] == tok.eos_id
+    text = reconstruct(src[src != tok.pad_id][:-1], tgt[:-1], tok.first_sentinel)
+    assert len(text) == span_corruption.window_length(
+        cfg.data.source_len - 1, cfg.data.seq_len - 1, cfg.data.noise_density,
+        cfg.data.mean_span_length, tok.num_sentinels)
+    np.testing.assert_array_equal(batch['inputs'][row][1:len(tgt)], tgt[:-1])   # shifted right
+
+
+@pytest.mark.parametrize('task', ['addition', 'reversal'])
+def test_synthetic_task_is_correct_and_held_out(task):
+  cfg = config(f'{task},tiny', {'train.batch_size': 8, 'train.eval_batches': 4})
+  tok = ByteTokenizer()
+  data = seq2seq_data.load(cfg, tok)
+  decode = lambda row: tok.decode(row[row < 256])
+  held = {decode(s) for b in data.eval for s in b['sources']}
+  assert len(held) == 32
+  it = iter(data.train)
+  for _ in range(20):
+    batch = next(it)
+    for src, tgt in zip(batch['sources'], batch['targets']):
+      s, t = decode(src), decode(tgt)
+      assert s not in held
+      assert t == (str(eval(s)) if task == 'addition' else s[::-1])   # noqa: S307 (digits only)
+
+
+def write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def test_pairs_files_jsonl_and_tsv(tmp_path):
+  jsonl = write(tmp_path / 'a.jsonl', '\n'.join(
+      json.dumps({'source': f'q{i}', 'target': f'answer {i}'}) for i in range(30)) + '\n')
+  tsv = write(tmp_path / 'b.tsv', 'hello\tbonjour\n\ncat\tchat\n')
+  cfg = config('pairs,tiny', {'data.files': f'{jsonl},{tsv}'})
+  tok = ByteTokenizer()
+  train, held = seq2seq_data.pair_examples(cfg.data, tok)
+  assert len(train) + len(held) == 32 and held
+  got = {(tok.decode(e['sources']), tok.decode(e['targets'])) for e in train + held}
+  assert ('hello', 'bonjour') in got and ('q7', 'answer 7') in got
+
+
+@pytest.mark.parametrize('name,text,message', [
+    ('empty.jsonl', '\n\n', 'holds no pairs'),
+    ('bad.jsonl', '{"source": "a"}\n', r'bad.jsonl:1: expected an object with string fields'),
+    ('bad.tsv', 'a\tb\nno tab here\n', r'bad.tsv:2: expected source<TAB>target'),
+    ('long.tsv', 'x' * 60 + '\ty\n', r'long.tsv:1: the source is 60 tokens \+ EOS, longer than '
+     r'data.source_len=48'),
+])
+def test_bad_pairs_files(tmp_path, name, text, message):
+  cfg = config('pairs,tiny', {'data.files': write(tmp_path / name, text)})
+  with pytest.raises(DataError, match=message):
+    seq2seq_data.pair_examples(cfg.data, ByteTokenizer())
+
+
+# --- beam search ----------------------------------------------------------------------------
+
+def exhaustive(logp_fn, n, vocab, eos, alpha):
+  """Every output of at most n tokens (ending at its first EOS, or n tokens without one),
+  scored log p / lp(len) from teacher-forced log-probabilities, best first."""
+  seqs = np.array(list(itertools.product(range(vocab), repeat=n)), np.int32)
+  logp = np.asarray(logp_fn(seqs))                          # [M, n, V]: position i given < i
+  token_logp = np.take_along_axis(logp, seqs[..., None], -1)[..., 0]
+  out = {}
+  for seq, tl in zip(seqs, token_logp):
+    eos_at = np.flatnonzero(seq == eos)
+    length = int(eos_at[0]) + 1 if eos_at.size else n
+    key = tuple(seq[:length])
+    if key not in out:
+      out[key] = tl[:length].sum() / ((5 + length) / 6) ** alpha
+  return sorted(out.items(), key=lambda kv: -kv[1])
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.6, 2.0])
+def test_beam_search_with_room_for_every_candidate_equals_exhaustive_search(alpha):
+  """Tiny vocabulary (6 ids incl. BOS, EOS and pad), 4 steps: 781 candidate outputs."""
+  n, vocab, bos, eos, pad = 4, 6, 4, 3, 5
+  cfg = config(overrides={'model.vocab_size': vocab, 'model.pad_id': pad})
+  model = build_model(cfg, nnx.Rngs(3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  sources = jnp.asarray([[0, 1, 2, 1, pad], [2, 2, 0, pad, pad]], jnp.int32)
+  width = sum((vocab - 1) ** k for k in range(n)) + (vocab - 1) ** n
+  seqs, scores, lengths = encdec_sampling.beam_search_reference(
+      graphdef, params, sources, beam_size=width, max_len=n, bos_id=bos, eos_id=eos, alpha=alpha)
+  for row in range(2):
+    def logp_fn(targets, row=row):
+      inputs = np.concatenate([np.full((len(targets), 1), bos), targets[:, :-1]], 1)
+      src = jnp.repeat(sources[row:row + 1], len(targets), axis=0)
+      return jax.nn.log_softmax(model(src, jnp.asarray(inputs)), axis=-1)
+    want = exhaustive(logp_fn, n, vocab, eos, alpha)
+    assert len(want) == width
+    got = [(tuple(np.asarray(s)[:l].tolist()), float(sc))
+           for s, sc, l in zip(seqs[row], scores[row], lengths[row])]
+    assert [g[0] for g in got[:20]] == [w[0] for w in want[:20]]
+    np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+
+
+def test_narrow_beam_stops_early_and_keeps_its_best():
+  """A 2-wide beam returns sorted, finite hypotheses that score what the model says."""
+  cfg = config()
+  model = build_model(cfg, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  sources = random_tokens(0, (2, 6))
+  seqs, scores, lengths = encdec_sampling.beam_search_reference(
+      graphdef, params, sources, beam_size=2, max_len=5, bos_id=257, eos_id=258, alpha=0.6)
+  assert np.all(np.isfinite(scores)) and np.all(np.diff(np.asarray(scores), axis=1) <= 0)
+  inputs = jnp.concatenate([jnp.full((2, 1), 257), seqs[:, 0, :-1]], 1)
+  logp = jax.nn.log_softmax(model(sources, inputs), -1)
+  token_logp = jnp.take_along_axis(logp, seqs[:, 0, :, None], -1)[..., 0]
+  for row in range(2):
+    l = int(lengths[row, 0])
+    want = float(jnp.sum(token_logp[row, :l])) / ((5 + l) / 6) ** 0.6
+    assert float(scores[row, 0]) == pytest.approx(want, rel=1e-4)

@@ -19,7 +19,9 @@ from flax import nnx
 from configs import schema
 from models import build_model
 from training import checkpoint as ckpt_lib
+from sampling import encdec as encdec_sampling
 from training import data as data_lib
+from training import seq2seq_data
 from training import mesh as mesh_lib
 from training import optim
 from training import runinfo
@@ -145,11 +147,41 @@ def evaluate(s: Setup, params, batches: list) -> float:
   return total / max(weight, 1.0)
 
 
+def load_data(config, tokenizer) -> tuple:
+  """(training IterDataset, fixed held-out batches, unigram-entropy baseline) of
+  `config.data.task`: the LM corpus, or encoder-decoder examples (training/seq2seq_data.py)."""
+  d, t = config.data, config.train
+  pi, pc = jax.process_index(), jax.process_count()
+  if d.task != 'lm':
+    if tokenizer.pad_id != config.model.pad_id:
+      raise schema.ConfigError(f'model.pad_id={config.model.pad_id} is not the pad id of '
+                               f'data.tokenizer={d.tokenizer!r} ({tokenizer.pad_id}).')
+    data = seq2seq_data.load(config, tokenizer, process_index=pi, process_count=pc)
+    return data.train, data.eval, data.baseline
+  corpus = data_lib.load_corpus(d, tokenizer)
+  train_ds = data_lib.train_dataset(corpus.train, d.seq_len, t.batch_size, t.seed,
+                                    process_index=pi, process_count=pc, num_workers=d.num_workers)
+  eval_set = data_lib.eval_batches(corpus.eval, d.seq_len, t.batch_size, t.eval_batches)
+  return train_ds, eval_set, data_lib.unigram_entropy(corpus.eval)
+
+
+def eval_metrics(s: Setup, params, batches: list, tokenizer) -> dict:
+  """{'eval_loss'}, plus 'eval_exact_match' (greedy outputs equal to the target) for
+  encoder-decoder tasks."""
+  line = {'eval_loss': evaluate(s, params, batches)}
+  if s.config.data.task != 'lm':
+    put = lambda b: mesh_lib.put_batch(mesh_lib.process_rows(b), s.mesh)
+    line['eval_exact_match'] = encdec_sampling.exact_match(
+        s.graphdef, params, batches, bos_id=tokenizer.bos_id, put=put)
+  return line
+
+
 def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
 
   stop_after: leave after this global step (checkpointed) without finishing the schedule.
-  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy'}.
+  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy'} (+ 'eval_exact_match' for
+  encoder-decoder tasks).
   """
   schema.validate(config)
   t = config.train
@@ -158,14 +190,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   if tokenizer.vocab_size > config.model.vocab_size:
     raise schema.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                              f'tokenizer vocabulary ({tokenizer.vocab_size}).')
-  corpus = data_lib.load_corpus(config.data, tokenizer)
+  train_ds, eval_set, baseline = load_data(config, tokenizer)
   s = setup(config)
   ckpt_lib.write_config(workdir, config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-  data_iter = iter(data_lib.train_dataset(
-      corpus.train, config.data.seq_len, t.batch_size, t.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers))
+  data_iter = iter(train_ds)
   if resume and checkpointer.latest_step() is not None:
     state = checkpointer.restore(s.abstract_state, data_iter)
   else:
@@ -174,12 +203,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   if jax.process_index() == 0:
     runinfo.record_launch(workdir, config, tokenizer, s.mesh, start)
   end = t.steps if stop_after is None else min(t.steps, stop_after)
-  eval_set = data_lib.eval_batches(corpus.eval, config.data.seq_len, t.batch_size, t.eval_batches)
   logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0)
   if start:
     logger.print(f'Resuming {workdir} from step {start}.')
   tokens_per_step = t.batch_size * config.data.seq_len
-  last_time, last_step, metrics, eval_loss = time.time(), start, None, None
+  last_time, last_step, metrics, evals = time.time(), start, None, {}
   for step in range(start + 1, end + 1):
     batch = mesh_lib.put_batch(next(data_iter), s.mesh)
     state, metrics = s.train_step(state, batch)
@@ -194,8 +222,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
       logger.write(step, line)
       last_time, last_step = now, step
     if step % t.eval_every == 0 or step == t.steps:
-      eval_loss = evaluate(s, state['params'], eval_set)
-      logger.write(step, {'eval_loss': eval_loss})
+      evals = eval_metrics(s, state['params'], eval_set, tokenizer)
+      logger.write(step, evals)
       last_time = time.time()  # evaluation time is not training throughput
     if step % t.checkpoint_every == 0 or step == end:
       checkpointer.save(step, state, data_iter)
@@ -203,11 +231,15 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   checkpointer.close()
   logger.close()
   result = {'step': int(state['step']), 'loss': None if metrics is None else float(metrics['loss']),
-            'eval_loss': eval_loss, 'unigram_entropy': data_lib.unigram_entropy(corpus.eval)}
+            'eval_loss': None, 'unigram_entropy': baseline, **evals}
   if int(state['step']) == t.steps and jax.process_index() == 0:
-    if eval_loss is None:
-      eval_loss = result['eval_loss'] = evaluate(s, state['params'], eval_set)
+    if not evals:
+      result.update(eval_metrics(s, state['params'], eval_set, tokenizer))
+    eval_loss = result['eval_loss']
     unit = 'nats/byte' if tokenizer.name == 'byte' else 'nats/token'
     print(f'Held-out loss {eval_loss:.4f} {unit}; unigram baseline of the same split '
           f'{result["unigram_entropy"]:.4f} {unit} (ratio {eval_loss / result["unigram_entropy"]:.2f}).')
+    if 'eval_exact_match' in result:
+      print(f'Held-out exact match {100 * result["eval_exact_match"]:.1f}% '
+            f'(greedy decoding, {config.data.task}).')
   return result

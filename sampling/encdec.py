@@ -1,0 +1,82 @@
+"""Encoder-decoder generation: encode the source once, then decode target tokens.
+
+`generate_reference` recomputes the decoder over the whole prefix each step (obviously correct);
+the cached generator and beam search are tested against it. `exact_match` scores greedy outputs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sampling import beam
+from sampling.rules import sample_tokens
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
+def generate_reference(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *,
+                       max_new_tokens: int, bos_id: int, temperature=0.0, top_k=0,
+                       top_p=1.0) -> jnp.ndarray:
+  """sources [B, S] -> [B, max_new_tokens] target tokens (greedy when temperature == 0).
+
+  Nothing stops at EOS: callers cut each row at its first EOS.
+  """
+  model = nnx.merge(graphdef, params)
+  encoded, mask = model.encode(sources)
+  b = sources.shape[0]
+  buf = jnp.full((b, max_new_tokens + 1), bos_id, jnp.int32)
+
+  def body(i, carry):
+    buf, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    logits = model.decode(encoded, mask, buf[:, :-1])
+    logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
+    token = sample_tokens(step_rng, logits, temperature, top_k, top_p)
+    return jax.lax.dynamic_update_index_in_dim(buf, token, i + 1, axis=1), rng
+
+  buf, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, rng))
+  return buf[:, 1:]
+
+
+def exact_match_counts(predicted: jnp.ndarray, targets: jnp.ndarray,
+                       weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(rows predicted exactly, rows) of a batch; a row is exact when every weighted target
+  token (the EOS included) is predicted. Rows with no weight (padding) are not counted."""
+  real = jnp.any(weights > 0, axis=-1)
+  exact = jnp.all((predicted == targets) | (weights == 0), axis=-1) & real
+  return jnp.sum(exact), jnp.sum(real)
+
+
+def exact_match(graphdef, params, batches, *, bos_id: int, put=lambda b: b) -> float:
+  """Share of the rows of `batches` whose greedy output equals the target exactly."""
+  correct, total = 0, 0
+  for batch in batches:
+    batch = put(batch)
+    out = generate_reference(graphdef, params, batch['sources'], jax.random.key(0),
+                             max_new_tokens=batch['targets'].shape[1], bos_id=bos_id)
+    c, n = exact_match_counts(out, batch['targets'], batch['weights'])
+    correct, total = correct + int(c), total + int(n)
+  return correct / max(total, 1)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'max_len', 'bos_id',
+                                             'eos_id', 'alpha'))
+def beam_search_reference(graphdef, params, sources: jnp.ndarray, *, beam_size: int,
+                          max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6):
+  """Beam search (sampling/beam.py) over a full decoder recompute per step.
+
+  sources [B, S] -> (sequences [B, W, max_len], scores [B, W], lengths [B, W]), best first.
+  """
+  model = nnx.merge(graphdef, params)
+  encoded, mask = model.encode(sources)
+  b = sources.shape[0]
+  context = (jnp.repeat(encoded, beam_size, axis=0), jnp.repeat(mask, beam_size, axis=0))
+
+  def step(tokens, i, context):
+    logits = model.decode(*context, tokens)
+    return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), context
+
+  return beam.beam_search(step, context, batch=b, beam_size=beam_size, max_len=max_len,
+                          bos_id=bos_id, eos_id=eos_id, alpha=alpha)
