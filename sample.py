@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from absl import app, flags, logging
 
+from sampling import encdec
 from sampling.load import load_workdir
 from sampling.sampler import Sampler
 from training.checkpoint import WorkdirError
@@ -23,6 +24,10 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Keep the smallest set with this much mass (1: all).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Completions to print.')
+_BEAM_SIZE = flags.DEFINE_integer('beam_size', 0, 'Encoder-decoder: beam search with this many '
+                                  'beams, printing the --num_samples best (0: sample).')
+_LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'Beam search: GNMT length penalty '
+                                     'alpha (0: plain log-probability).')
 
 
 def check_flags() -> None:
@@ -36,6 +41,25 @@ def check_flags() -> None:
     raise SystemExit(f'error: --top_p={_TOP_P.value} must be in (0, 1].')
   if _NUM_SAMPLES.value < 1:
     raise SystemExit(f'error: --num_samples={_NUM_SAMPLES.value} must be >= 1.')
+  if _BEAM_SIZE.value < 0:
+    raise SystemExit(f'error: --beam_size={_BEAM_SIZE.value} must be >= 0.')
+
+
+def sample_encoder_decoder(loaded) -> None:
+  """The prompt is the encoder input; prints the targets (samples or the best beams)."""
+  try:
+    texts = encdec.complete(
+        loaded.graphdef, loaded.params, loaded.tokenizer, _PROMPT.value,
+        max_len=loaded.config.model.max_len, max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        seed=_SEED.value, num_samples=_NUM_SAMPLES.value, beam_size=_BEAM_SIZE.value,
+        alpha=_LENGTH_PENALTY.value)
+  except ValueError as e:
+    raise SystemExit(f'error: --prompt: {e}') from None
+  kind = 'beam' if _BEAM_SIZE.value else 'sample'
+  for i, text in enumerate(texts):
+    print(f'--- {kind} {i} (step {loaded.step}) ---')
+    print(text)
 
 
 def stream_text(decode, chunks: Iterable[np.ndarray]) -> Iterator[str]:
@@ -62,6 +86,8 @@ def main(argv):
     loaded = load_workdir(_WORKDIR.value)
   except WorkdirError as e:
     raise SystemExit(f'error: {e}') from None
+  if loaded.config.model.kind == 'encoder_decoder':
+    return sample_encoder_decoder(loaded)
   tok = loaded.tokenizer
   sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
                     eos_id=tok.eos_id if tok.eos_id >= 0 else None, pad_id=max(tok.pad_id, 0))

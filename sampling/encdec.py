@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sampling import beam
@@ -80,3 +81,31 @@ def beam_search_reference(graphdef, params, sources: jnp.ndarray, *, beam_size: 
 
   return beam.beam_search(step, context, batch=b, beam_size=beam_size, max_len=max_len,
                           bos_id=bos_id, eos_id=eos_id, alpha=alpha)
+
+
+def complete(graphdef, params, tok, source_text: str, *, max_len: int, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             num_samples: int = 1, beam_size: int = 0, alpha: float = 0.6) -> list[str]:
+  """Target texts for one source text: `num_samples` samples, or with beam_size > 0 the
+  `num_samples` best beams. Raises ValueError when the source (+ EOS) exceeds `max_len`."""
+  source = np.append(tok.encode(source_text), tok.eos_id).astype(np.int32)
+  if source.size > max_len:
+    raise ValueError(f'the source is {source.size - 1} tokens + EOS, longer than the model '
+                     f'maximum model.max_len={max_len}.')
+  if max_new_tokens > max_len:
+    raise ValueError(f'max_new_tokens={max_new_tokens} exceeds model.max_len={max_len}.')
+  if beam_size > 0:
+    seqs, _, lengths = beam_search_reference(
+        graphdef, params, jnp.asarray(source[None]), beam_size=max(beam_size, num_samples),
+        max_len=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id, alpha=alpha)
+    rows = [np.asarray(s)[:l] for s, l in zip(seqs[0], lengths[0])][:num_samples]
+  else:
+    rows = np.asarray(generate_reference(
+        graphdef, params, jnp.asarray(np.tile(source, (num_samples, 1))), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, bos_id=tok.bos_id, temperature=temperature, top_k=top_k,
+        top_p=top_p))
+  out = []
+  for row in rows:
+    stop = np.flatnonzero(row == tok.eos_id)
+    out.append(tok.decode(row[:stop[0]] if stop.size else row))
+  return out

@@ -2,6 +2,8 @@
 invariance, span corruption inverted by hand, synthetic answers computed by Python."""
 import itertools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from sampling import encdec as encdec_sampling
 from training import seq2seq_data, span_corruption
 from training.data import DataError
 from training.tokenizer import ByteTokenizer
+
+from tests.conftest import ROOT
 
 ARCHS = ['modern', 'paper']
 
@@ -260,3 +264,46 @@ def test_narrow_beam_stops_early_and_keeps_its_best():
     l = int(lengths[row, 0])
     want = float(jnp.sum(token_logp[row, :l])) / ((5 + l) / 6) ** 0.6
     assert float(scores[row, 0]) == pytest.approx(want, rel=1e-4)
+
+
+# --- CLIs -----------------------------------------------------------------------------------
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_train_eval_sample_and_errors_through_the_clis(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train = run_cli('train.py', '--config=configs/encdec.py:reversal,tiny', f'--workdir={workdir}')
+  assert train.returncode == 0, train.stderr
+  assert 'Held-out exact match' in train.stdout
+  with open(f'{workdir}/metrics.jsonl') as f:
+    evals = [m for m in map(json.loads, f) if 'eval_exact_match' in m]
+  assert [m['step'] for m in evals] == [3, 6] and 0 <= evals[-1]['eval_exact_match'] <= 1
+  greedy = run_cli('sample.py', f'--workdir={workdir}', '--prompt=abc', '--temperature=0',
+                   '--max_new_tokens=5')
+  assert greedy.returncode == 0, greedy.stderr
+  assert greedy.stdout.count('--- sample') == 1
+  beams = run_cli('sample.py', f'--workdir={workdir}', '--prompt=abc', '--beam_size=3',
+                  '--num_samples=2', '--max_new_tokens=5')
+  assert beams.returncode == 0, beams.stderr
+  assert beams.stdout.count('--- beam') == 2
+  too_long = run_cli('sample.py', f'--workdir={workdir}', '--prompt=' + 'x' * 200)
+  assert too_long.returncode != 0
+  assert 'the source is 200 tokens + EOS, longer than the model maximum model.max_len=128' in (
+      too_long.stderr)
+  other_vocab = run_cli('train.py', '--config=configs/encdec.py:reversal,tiny',
+                        f'--workdir={workdir}', '--config.model.vocab_size=512')
+  assert other_vocab.returncode != 0
+  assert 'model.vocab_size: 384 (saved) != 512' in other_vocab.stderr
+  with open(f'{workdir}/config.json') as f:
+    saved = json.load(f)
+  saved['model']['vocab_size'] = 512
+  with open(f'{workdir}/config.json', 'w') as f:
+    json.dump(saved, f)
+  edited = run_cli('sample.py', f'--workdir={workdir}', '--prompt=abc')
+  assert edited.returncode != 0
+  assert ('checkpoint parameter decoder.embed.embedding has shape (384, 32) but the config gives '
+          '(512, 32) (model.vocab_size=512, the checkpoint has 384)') in edited.stderr

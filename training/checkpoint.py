@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from configs import schema
@@ -53,6 +54,30 @@ def write_config(workdir: str, config) -> None:
   os.replace(tmp, config_path(workdir))
 
 
+def _param_shapes(tree) -> dict:
+  name = lambda path: '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                               for k in path)
+  return {name(p).removesuffix('.value'): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_param_shapes(abstract_params, saved_params) -> None:
+  """Raises WorkdirError naming the first parameter whose checkpointed shape differs from the
+  config's (e.g. model.vocab_size changed in config.json), before orbax tries to restore it."""
+  want, have = _param_shapes(abstract_params), _param_shapes(saved_params)
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise WorkdirError(f'the checkpoint has no parameter {missing[0]} that the config\'s model '
+                       'needs: the config does not describe the checkpointed model.')
+  for key in sorted(want):
+    if want[key] != have[key]:
+      hint = (f' (model.vocab_size={want[key][0]}, the checkpoint has {have[key][0]})'
+              if key.endswith('embed.embedding') and want[key][0] != have[key][0] else '')
+      raise WorkdirError(f'checkpoint parameter {key} has shape {have[key]} but the config gives '
+                         f'{want[key]}{hint}: the config does not describe the checkpointed '
+                         'model.')
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints of {state, data iterator} under WORKDIR/checkpoints."""
 
@@ -84,6 +109,7 @@ class Checkpointer:
     when the checkpoint holds its position (an imported model's step-0 checkpoint does not:
     the data then starts from the beginning)."""
     step = self.latest_step() if step is None else step
+    check_param_shapes(abstract_state['params'], self.manager.item_metadata(step)['state']['params'])
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and 'data' in self.manager.item_metadata(step):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
