@@ -135,6 +135,8 @@ def abstract_batch(config, mesh) -> dict:
   b, t = config.train.batch_size, config.data.seq_len
   tokens = np.zeros((b + 1) * (t + 1), np.int32)
   example = next(iter(data_lib.train_dataset(tokens, t, b, 0)))
+  if config.data.task != 'lm':  # encoder-decoder batches (training/seq2seq_data.py) add sources
+    example['sources'] = np.zeros((b, config.data.source_len), np.int32)
   sharding = mesh_lib.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding)
           for k, v in example.items()}
