@@ -18,8 +18,8 @@ from flax import nnx
 
 from configs import schema
 from models import build_model
-from training import checkpoint as ckpt_lib
 from sampling import encdec as encdec_sampling
+from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import seq2seq_data
 from training import mesh as mesh_lib
