@@ -57,9 +57,28 @@ def command(directory: str) -> list[str]:
           f'--workdir={directory}']
 
 
+def _folders_by_hash(workdir: str) -> dict[str, str]:
+  """{config hash: folder} of the trial folders already in `workdir`."""
+  found = {}
+  for name in sorted(os.listdir(workdir)):
+    info = read_json(os.path.join(workdir, name, 'trial.json'))
+    if info and info.get('hash'):
+      found[info['hash']] = name
+  return found
+
+
 def prepare(workdir: str, sweep: Sweep) -> None:
-  """Writes WORKDIR/sweep.json and each trial's folder, resolved config and trial.json."""
+  """Writes WORKDIR/sweep.json and each trial's folder, resolved config and trial.json.
+
+  A folder holding the same resolved config under another name (the sweep file changed, e.g.
+  seeds were added) is renamed to the trial's name, so that config is not trained again.
+  """
   os.makedirs(workdir, exist_ok=True)
+  existing = _folders_by_hash(workdir)
+  for trial in sweep.trials:
+    old = existing.get(trial.hash)
+    if old and old != trial.name and not os.path.exists(trial_dir(workdir, trial)):
+      os.rename(os.path.join(workdir, old), trial_dir(workdir, trial))
   write_json(os.path.join(workdir, 'sweep.json'), {
       'sweep': sweep.source, 'config': sweep.config_file, 'base': sweep.base,
       'trials': [{'name': t.name, 'overrides': t.overrides, 'hash': t.hash} for t in sweep.trials]})

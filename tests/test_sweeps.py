@@ -102,11 +102,25 @@ def test_unknown_key_fails_before_any_trial(tmp_path):
 
 
 @pytest.mark.parametrize('sweep_file, count', [
-    ('kv_heads.py', 4), ('kv_heads.py:short', 4), ('kv_heads.py:quick', 2), ('positional.py', 3),
+    ('kv_heads.py', 4), ('kv_heads.py:short', 12), ('kv_heads.py:quick', 2), ('positional.py', 3),
     ('window.py', 3)])
 def test_shipped_sweeps_validate(sweep_file, count):
   sweep = spec.load(os.path.join(ROOT, 'configs', 'sweeps', sweep_file))
   assert len(sweep.trials) == count
+
+
+def test_renamed_trial_keeps_its_folder(tmp_path):
+  """Adding seeds renames the seed-0 trials: their folders (same config hash) are reused."""
+  workdir = str(tmp_path / 'out')
+  before = spec.load(write_sweep(tmp_path, 'a', TRIALS))
+  runner.prepare(workdir, before)
+  marker = os.path.join(runner.trial_dir(workdir, before.trials[1]), 'marker')
+  open(marker, 'w').close()
+  after = spec.load(write_sweep(tmp_path, 'b', TRIALS, seeds=[0, 1]))
+  runner.prepare(workdir, after)
+  assert after.trials[2].hash == before.trials[1].hash
+  assert os.path.isfile(os.path.join(runner.trial_dir(workdir, after.trials[2]), 'marker'))
+  assert sorted(os.listdir(workdir)) == sorted([t.name for t in after.trials] + ['sweep.json'])
 
 
 # --- reports from trial folders (fast: no training) ---
