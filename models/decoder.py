@@ -62,29 +62,39 @@ class DecoderLM(nnx.Module):
                           dtype or dtype_of(l.attn.k.dtype), window=l.attn.sliding_window)
             for l in self.layers]
 
+  def context_caches(self, context: jnp.ndarray,
+                     context_mask: jnp.ndarray | None = None) -> list[kv_cache.LayerCache]:
+    """Every layer's cross-attention keys/values of `context` [B, S, D], computed once."""
+    return [l.cross_attn.context_cache(context, context_mask) for l in self.layers]
+
   def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                segment_ids: jnp.ndarray | None = None, *,
                cache: list[kv_cache.LayerCache] | None = None,
                cache_index: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
-               context_mask: jnp.ndarray | None = None):
+               context_mask: jnp.ndarray | None = None,
+               context_cache: list[kv_cache.LayerCache] | None = None):
     """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1.
 
     With `cache` (from `init_cache`) returns (logits, updated cache): cache_index None
     prefills the empty cache with the prompt, else tokens are decoded at slot cache_index;
     positions are then required, -1 marking left padding (see models/kv_cache.py).
-    context [B, S, D], context_mask [B, S] (True = real token): cross-attention input.
+    context [B, S, D], context_mask [B, S] (True = real token): cross-attention input, or
+    context_cache: its per-layer keys and values from `context_caches`.
     """
+    ctx = [None] * len(self.layers) if context_cache is None else context_cache
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if cache is not None:
       x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
       new_cache = []
-      for layer, layer_cache in zip(self.layers, cache):
+      for layer, layer_cache, layer_ctx in zip(self.layers, cache, ctx):
         x, layer_cache = layer(x, positions, cache=layer_cache, cache_index=cache_index,
-                               context=context, context_mask=context_mask)
+                               context=context, context_mask=context_mask,
+                               context_cache=layer_ctx)
         new_cache.append(layer_cache)
       return self.logits(x), new_cache
     x = self.embed_tokens(tokens, positions)
-    for layer in self.layers:
-      x = layer(x, positions, segment_ids=segment_ids, context=context, context_mask=context_mask)
+    for layer, layer_ctx in zip(self.layers, ctx):
+      x = layer(x, positions, segment_ids=segment_ids, context=context, context_mask=context_mask,
+                context_cache=layer_ctx)
     return self.logits(x)

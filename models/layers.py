@@ -156,21 +156,32 @@ class Attention(nnx.Module):
     context: [B, S, D] for cross attention with context_mask [B, S] (True = real token).
     mask: extra boolean [B|1, 1, T, T] self-attention mask (e.g. encoder padding).
     """
-    q = self.q(x)
-    kv_in = x if context is None else context
-    k, v = self.k(kv_in), self.v(kv_in)
-    if context is None:
-      if self.rope:
-        q = positional.apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
-        k = positional.apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
-      window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-      out = dot_product_attention(
-          q, k, v, mask=mask, is_causal=causal, local_window_size=window,
-          query_positions=positions, key_positions=positions, query_segment_ids=segment_ids,
-          key_segment_ids=segment_ids, implementation=self.implementation)
-    else:
-      cross_mask = None if context_mask is None else context_mask[:, None, None, :]
-      out = dot_product_attention(q, k, v, mask=cross_mask, implementation=self.implementation)
+    if context is not None:
+      return self.attend_context(x, self.context_cache(context, context_mask))
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.rope:
+      q = positional.apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
+      k = positional.apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
+    window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+    out = dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+        query_positions=positions, key_positions=positions, query_segment_ids=segment_ids,
+        key_segment_ids=segment_ids, implementation=self.implementation)
+    return self.o(out)
+
+  def context_cache(self, context: jnp.ndarray,
+                    context_mask: jnp.ndarray | None = None) -> kv_cache.LayerCache:
+    """Cross-attention keys and values of `context` [B, S, D], computed once for a whole
+    decode; `pos` is the source position, -1 where context_mask [B, S] is False (padding)."""
+    pos = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape[:2])
+    if context_mask is not None:
+      pos = jnp.where(context_mask, pos, -1)
+    return kv_cache.LayerCache(self.k(context), self.v(context), pos)
+
+  def attend_context(self, x: jnp.ndarray, cache: kv_cache.LayerCache) -> jnp.ndarray:
+    """Cross attention of x [B, T, D] over a `context_cache` (no positions, no causality)."""
+    out = dot_product_attention(self.q(x), cache.k, cache.v, mask=(cache.pos >= 0)[:, None, None],
+                                implementation=self.implementation)
     return self.o(out)
 
   def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache: kv_cache.LayerCache,
@@ -214,8 +225,10 @@ class Block(nnx.Module):
     return x + fn(norm(x)) if self.pre_norm else norm(x + fn(x))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
-               mask=None, context=None, context_mask=None, cache=None, cache_index=None):
-    """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention.
+               mask=None, context=None, context_mask=None, cache=None, cache_index=None,
+               context_cache=None):
+    """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention, or
+    context_cache: its keys and values, precomputed by `cross_attn.context_cache`.
 
     With a self-attention `cache` (see `Attention.cached`) returns (x, updated cache).
     """
@@ -227,8 +240,10 @@ class Block(nnx.Module):
       x = self._residual(x, self.attn_norm, lambda h: self.attn(
           h, positions, segment_ids=segment_ids, causal=causal, mask=mask))
     if self.cross_attn is not None:
-      x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
-          h, positions, context=context, context_mask=context_mask))
+      if context_cache is None:
+        context_cache = self.cross_attn.context_cache(context, context_mask)
+      x = self._residual(x, self.cross_norm,
+                         lambda h: self.cross_attn.attend_context(h, context_cache))
     x = self._residual(x, self.mlp_norm, self.mlp)
     return x if cache is None else (x, new_cache[0])
 

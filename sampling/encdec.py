@@ -1,7 +1,10 @@
 """Encoder-decoder generation: encode the source once, then decode target tokens.
 
-`generate_reference` recomputes the decoder over the whole prefix each step (obviously correct);
-the cached generator and beam search are tested against it. `exact_match` scores greedy outputs.
+`generate` and `beam_search` run the encoder once, compute every decoder layer's cross-attention
+keys and values once (`DecoderLM.context_caches`), and decode one token a step through the
+decoder-only model's self-attention KV cache (models/kv_cache.py). `generate_reference` and
+`beam_search_reference` recompute the decoder over the whole prefix each step (obviously
+correct; the tests hold the cached versions to them). `exact_match` scores greedy outputs.
 """
 from __future__ import annotations
 
@@ -41,6 +44,60 @@ def generate_reference(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *
   return buf[:, 1:]
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
+def generate(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *, max_new_tokens: int,
+             bos_id: int, eos_id: int, temperature=0.0, top_k=0, top_p=1.0) -> jnp.ndarray:
+  """Cached decode: sources [B, S] -> [B, max_new_tokens] tokens, EOS after each row's end.
+
+  Stops early once every row has emitted EOS. Step i samples with fold_in(rng, i).
+  """
+  model = nnx.merge(graphdef, params)
+  decoder = model.decoder
+  context = decoder.context_caches(*model.encode(sources))
+  b = sources.shape[0]
+
+  def cond(carry):
+    i, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, token, cache, done, out = carry
+    logits, cache = decoder(token[:, None], jnp.full((b, 1), i, jnp.int32), cache=cache,
+                            cache_index=i, context_cache=context)
+    token = sample_tokens(jax.random.fold_in(rng, i), logits[:, 0], temperature, top_k, top_p)
+    token = jnp.where(done, eos_id, token)
+    out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
+    return i + 1, token, cache, done | (token == eos_id), out
+
+  carry = (jnp.int32(0), jnp.full((b,), bos_id, jnp.int32), decoder.init_cache(b, max_new_tokens),
+           jnp.zeros((b,), bool), jnp.full((b, max_new_tokens), eos_id, jnp.int32))
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'max_len', 'bos_id',
+                                             'eos_id', 'alpha'))
+def beam_search(graphdef, params, sources: jnp.ndarray, *, beam_size: int, max_len: int,
+                bos_id: int, eos_id: int, alpha: float = 0.6):
+  """Cached beam search (sampling/beam.py): the self-attention cache follows the beams.
+
+  sources [B, S] -> (sequences [B, W, max_len], scores [B, W], lengths [B, W]), best first.
+  """
+  model = nnx.merge(graphdef, params)
+  decoder = model.decoder
+  encoded, mask = model.encode(sources)
+  b, w = sources.shape[0], beam_size
+  context = decoder.context_caches(jnp.repeat(encoded, w, axis=0), jnp.repeat(mask, w, axis=0))
+
+  def step(tokens, i, cache):
+    token = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
+    logits, cache = decoder(token, jnp.full((b * w, 1), i, jnp.int32), cache=cache,
+                            cache_index=i, context_cache=context)
+    return logits[:, 0], cache
+
+  return beam.beam_search(step, decoder.init_cache(b * w, max_len), batch=b, beam_size=w,
+                          max_len=max_len, bos_id=bos_id, eos_id=eos_id, alpha=alpha)
+
+
 def exact_match_counts(predicted: jnp.ndarray, targets: jnp.ndarray,
                        weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """(rows predicted exactly, rows) of a batch; a row is exact when every weighted target
@@ -50,13 +107,14 @@ def exact_match_counts(predicted: jnp.ndarray, targets: jnp.ndarray,
   return jnp.sum(exact), jnp.sum(real)
 
 
-def exact_match(graphdef, params, batches, *, bos_id: int, put=lambda b: b) -> float:
+def exact_match(graphdef, params, batches, *, bos_id: int, eos_id: int,
+                put=lambda b: b) -> float:
   """Share of the rows of `batches` whose greedy output equals the target exactly."""
   correct, total = 0, 0
   for batch in batches:
     batch = put(batch)
-    out = generate_reference(graphdef, params, batch['sources'], jax.random.key(0),
-                             max_new_tokens=batch['targets'].shape[1], bos_id=bos_id)
+    out = generate(graphdef, params, batch['sources'], jax.random.key(0),
+                   max_new_tokens=batch['targets'].shape[1], bos_id=bos_id, eos_id=eos_id)
     c, n = exact_match_counts(out, batch['targets'], batch['weights'])
     correct, total = correct + int(c), total + int(n)
   return correct / max(total, 1)
@@ -95,15 +153,15 @@ def complete(graphdef, params, tok, source_text: str, *, max_len: int, max_new_t
   if max_new_tokens > max_len:
     raise ValueError(f'max_new_tokens={max_new_tokens} exceeds model.max_len={max_len}.')
   if beam_size > 0:
-    seqs, _, lengths = beam_search_reference(
+    seqs, _, lengths = beam_search(
         graphdef, params, jnp.asarray(source[None]), beam_size=max(beam_size, num_samples),
         max_len=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id, alpha=alpha)
     rows = [np.asarray(s)[:l] for s, l in zip(seqs[0], lengths[0])][:num_samples]
   else:
-    rows = np.asarray(generate_reference(
+    rows = np.asarray(generate(
         graphdef, params, jnp.asarray(np.tile(source, (num_samples, 1))), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, bos_id=tok.bos_id, temperature=temperature, top_k=top_k,
-        top_p=top_p))
+        max_new_tokens=max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id,
+        temperature=temperature, top_k=top_k, top_p=top_p))
   out = []
   for row in rows:
     stop = np.flatnonzero(row == tok.eos_id)

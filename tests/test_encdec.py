@@ -307,3 +307,44 @@ def test_train_eval_sample_and_errors_through_the_clis(tmp_path):
   assert edited.returncode != 0
   assert ('checkpoint parameter decoder.embed.embedding has shape (384, 32) but the config gives '
           '(512, 32) (model.vocab_size=512, the checkpoint has 384)') in edited.stderr
+
+
+# --- cached decoding ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_cached_decode_logits_equal_full_forward(arch):
+  """Encoder once, cross K/V once, one target token a step through the KV cache == the
+  teacher-forced forward pass over the whole target."""
+  cfg = config(f'addition,{arch},tiny')
+  model = build_model(cfg, nnx.Rngs(0))
+  pad = cfg.model.pad_id
+  sources = random_tokens(0, (2, 7)).at[1, 5:].set(pad)
+  targets = random_tokens(1, (2, 6))
+  full = model(sources, targets)
+  decoder = model.decoder
+  context = decoder.context_caches(*model.encode(sources))
+  cache = decoder.init_cache(2, 6)
+  for i in range(6):
+    logits, cache = decoder(targets[:, i:i + 1], jnp.full((2, 1), i), cache=cache,
+                            cache_index=jnp.int32(i), context_cache=context)
+    np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-5, err_msg=f'step {i}')
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_cached_greedy_and_beam_equal_the_reference(arch):
+  cfg = config(f'addition,{arch},tiny')
+  model = build_model(cfg, nnx.Rngs(1))
+  graphdef, params = nnx.split(model, nnx.Param)
+  sources = random_tokens(2, (3, 7)).at[2, 3:].set(cfg.model.pad_id)
+  kw = dict(bos_id=257)
+  ref = encdec_sampling.generate_reference(graphdef, params, sources, jax.random.key(0),
+                                           max_new_tokens=6, **kw)
+  got = encdec_sampling.generate(graphdef, params, sources, jax.random.key(0), max_new_tokens=6,
+                                 eos_id=258, **kw)
+  for r, g in zip(np.asarray(ref), np.asarray(got)):   # equal up to and including the first EOS
+    end = int(np.flatnonzero(r == 258)[0]) + 1 if np.any(r == 258) else r.size
+    np.testing.assert_array_equal(g[:end], r[:end])
+  kw = dict(beam_size=3, max_len=5, bos_id=257, eos_id=258, alpha=0.6)
+  for a, b in zip(encdec_sampling.beam_search_reference(graphdef, params, sources, **kw),
+                  encdec_sampling.beam_search(graphdef, params, sources, **kw)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

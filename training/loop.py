@@ -172,7 +172,7 @@ def eval_metrics(s: Setup, params, batches: list, tokenizer) -> dict:
   if s.config.data.task != 'lm':
     put = lambda b: mesh_lib.put_batch(mesh_lib.process_rows(b), s.mesh)
     line['eval_exact_match'] = encdec_sampling.exact_match(
-        s.graphdef, params, batches, bos_id=tokenizer.bos_id, put=put)
+        s.graphdef, params, batches, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, put=put)
   return line
 
 
