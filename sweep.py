@@ -6,7 +6,7 @@ interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png.
 from absl import app, flags, logging
 
 from configs import schema
-from sweeps import report, runner, spec
+from sweeps import report, runner, search, spec
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg] defining get_sweep().')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory holding one folder per trial.')
@@ -33,17 +33,27 @@ def main(argv):
         raise app.UsageError('--sweep is required (unless --report_only).')
       if _PARALLEL.value < 1:
         raise app.UsageError(f'--parallel={_PARALLEL.value}: must be >= 1.')
-      sweep = spec.load(_SWEEP.value)  # every trial validated before any runs
-      runner.prepare(_WORKDIR.value, sweep)
-      if _BACKEND.value == 'ray':
-        results = runner.run_ray(_WORKDIR.value, sweep, _RAY_ADDRESS.value, _RAY_CPUS.value,
-                                 _CPUS.value, _GPUS.value)
+      raw = spec.load_raw(_SWEEP.value)
+      if isinstance(raw, dict) and 'search' in raw:  # Optuna search: trials asked as it goes
+        if _BACKEND.value != 'local':
+          raise app.UsageError('search sweeps run on the local backend (--backend=local).')
+        search.run(_WORKDIR.value, search.build(raw, _SWEEP.value), _PARALLEL.value)
       else:
-        results = runner.run_local(_WORKDIR.value, sweep, _PARALLEL.value)
+        sweep = spec.build(raw, source=_SWEEP.value)  # every trial validated before any runs
+        runner.prepare(_WORKDIR.value, sweep)
+        if _BACKEND.value == 'ray':
+          runner.run_ray(_WORKDIR.value, sweep, _RAY_ADDRESS.value, _RAY_CPUS.value,
+                         _CPUS.value, _GPUS.value)
+        else:
+          runner.run_local(_WORKDIR.value, sweep, _PARALLEL.value)
     rows = report.write_report(_WORKDIR.value)
   except (spec.SweepError, schema.ConfigError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   print(f'Report: {_WORKDIR.value}/results.md, results.csv, loss_curves.png')
+  top = search.best(_WORKDIR.value)
+  if top:
+    print(f'Best trial: {top["trial"]} ({spec.describe(top["overrides"])}), eval loss '
+          f'{top["eval_loss"]:.4f}\n  {top["command"]}')
   failed = [r['trial'] for r in rows if r['status'] != 'done']
   if failed:
     raise SystemExit(f'{len(failed)} of {len(rows)} trials not done: {", ".join(failed)}')

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from configs import schema
+from sweeps import search
 from sweeps.runner import read_json
 from sweeps.spec import SEED_KEY, describe
 from training.metrics import read_metrics
@@ -58,6 +59,8 @@ def collect(workdir: str) -> tuple[list[str], list[dict]]:
         'wall_time_s': info.get('wall_time'), 'steps': max((m['step'] for m in metrics), default=0),
         'error': info.get('error') or '',
         'curve': [(m['step'], m['eval_loss']) for m in metrics if 'eval_loss' in m]})
+  if sweep.get('sort_by'):  # search sweeps: best first, unfinished last
+    rows.sort(key=lambda r: (r[sweep['sort_by']] is None, r[sweep['sort_by']] or 0.0))
   return keys, rows
 
 
@@ -156,7 +159,12 @@ def write_report(workdir: str) -> list[dict]:
   """Writes results.csv, results.md and loss_curves.png into `workdir`; returns the rows."""
   keys, rows = collect(workdir)
   write_csv(os.path.join(workdir, 'results.csv'), keys, rows)
+  text = markdown(keys, rows)
+  top = search.best(workdir)  # search sweeps: the best trial as a ready command line
+  if top:
+    text += (f'\nBest trial: `{top["trial"]}` ({describe(top["overrides"])}), eval loss '
+             f'{top["eval_loss"]:.4f}:\n\n```\n{top["command"]}\n```\n')
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown(keys, rows))
+    f.write(text)
   plot(os.path.join(workdir, 'loss_curves.png'), rows)
   return rows

@@ -181,11 +181,15 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
   return Sweep(source, raw['config'], base, trials)
 
 
-def load(spec: str) -> Sweep:
-  """Loads 'path/to/sweep.py[:arg]' (calls get_sweep(arg)) and validates every trial."""
+def load_raw(spec: str) -> dict:
+  """What 'path/to/sweep.py[:arg]' defines: get_sweep(arg)'s dict, not yet validated."""
   path, _, arg = spec.partition(':')
   module = load_module(path, '--sweep')
   if not hasattr(module, 'get_sweep'):
     raise SweepError(f'--sweep={spec}: the file defines no get_sweep().')
-  raw = module.get_sweep(arg) if arg else module.get_sweep()
-  return build(raw, source=spec)
+  return module.get_sweep(arg) if arg else module.get_sweep()
+
+
+def load(spec: str) -> Sweep:
+  """Loads 'path/to/sweep.py[:arg]' (calls get_sweep(arg)) and validates every trial."""
+  return build(load_raw(spec), source=spec)
