@@ -1,12 +1,14 @@
 """Run an ablation sweep: python sweep.py --sweep=configs/sweeps/X.py[:arg] --workdir=DIR.
 
 Each trial trains in DIR/<trial>/ through train.py; a rerun skips finished trials and resumes
-interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png.
+interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png. A sweep file with
+'search' instead of 'trials' runs an Optuna search (sweeps/search.py). `--samples --prompt=TEXT`
+samples every finished trial with the same seed into the report.
 """
 from absl import app, flags, logging
 
 from configs import schema
-from sweeps import report, runner, search, spec
+from sweeps import report, runner, samples, search, spec
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg] defining get_sweep().')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory holding one folder per trial.')
@@ -19,7 +21,24 @@ _CPUS = flags.DEFINE_float('cpus_per_trial', 1, 'Ray backend: CPUs each trial re
 _GPUS = flags.DEFINE_float('gpus_per_trial', 0, 'Ray backend: GPUs each trial requests.')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
                                  'Only regenerate the report from DIR (no --sweep needed).')
+_SAMPLES = flags.DEFINE_bool('samples', False, "Sample every finished trial's final checkpoint "
+                              'with the same --prompt and --seed into the report.')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'With --samples: a prompt (repeatable).')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'With --samples: tokens per completion.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'With --samples: 0 is greedy.')
+_SEED = flags.DEFINE_integer('seed', 0, 'With --samples: the sampling seed, the same for all.')
 flags.mark_flags_as_required(['workdir'])
+
+
+def check_sample_flags() -> None:
+  if not _SAMPLES.value:
+    return
+  if not _PROMPT.value or not all(_PROMPT.value):
+    raise app.UsageError('--samples needs --prompt=TEXT (non-empty; repeat for more prompts).')
+  if _MAX_NEW.value < 1:
+    raise app.UsageError(f'--max_new_tokens={_MAX_NEW.value}: must be >= 1.')
+  if _TEMPERATURE.value < 0:
+    raise app.UsageError(f'--temperature={_TEMPERATURE.value}: must be >= 0.')
 
 
 def main(argv):
@@ -27,6 +46,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  check_sample_flags()
   try:
     if not _REPORT_ONLY.value:
       if not _SWEEP.value:
@@ -46,6 +66,9 @@ def main(argv):
                          _CPUS.value, _GPUS.value)
         else:
           runner.run_local(_WORKDIR.value, sweep, _PARALLEL.value)
+    if _SAMPLES.value:
+      samples.sample_trials(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+                            temperature=_TEMPERATURE.value, seed=_SEED.value)
     rows = report.write_report(_WORKDIR.value)
   except (spec.SweepError, schema.ConfigError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None

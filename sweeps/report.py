@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from configs import schema
-from sweeps import search
+from sweeps import samples, search
 from sweeps.runner import read_json
 from sweeps.spec import SEED_KEY, describe
 from training.metrics import read_metrics
@@ -164,6 +164,7 @@ def write_report(workdir: str) -> list[dict]:
   if top:
     text += (f'\nBest trial: `{top["trial"]}` ({describe(top["overrides"])}), eval loss '
              f'{top["eval_loss"]:.4f}:\n\n```\n{top["command"]}\n```\n')
+  text += samples.markdown(workdir, rows)  # after `sweep.py --samples`
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(text)
   plot(os.path.join(workdir, 'loss_curves.png'), rows)

@@ -118,6 +118,24 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
     assert len(json.load(f)['launches']) == 1
   assert [r['eval_loss'] for r in read_rows(workdir)] == [r['eval_loss'] for r in rows]
 
+  # Side-by-side samples: the same prompt and seed from every trial, checked against sample.py.
+  sampled = subprocess.run(cmd[:2] + [f'--workdir={workdir}', '--report_only', '--samples',
+                                      '--prompt=def ', '--max_new_tokens=12', '--temperature=0'],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert sampled.returncode == 0, sampled.stdout + sampled.stderr
+  with open(os.path.join(workdir, 'samples.json')) as f:
+    data = json.load(f)
+  assert sorted(data['trials']) == sorted(r['trial'] for r in rows)
+  reference = subprocess.run([sys.executable, 'sample.py', f'--workdir={directory}',
+                              '--prompt=def ', '--max_new_tokens=12', '--temperature=0'],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert reference.returncode == 0, reference.stderr
+  text = data['trials'][rows[0]['trial']]['samples'][0]
+  assert text.startswith('def ') and text in reference.stdout
+  with open(os.path.join(workdir, 'results.md')) as f:
+    md = f.read()
+  assert md.index('Samples (seed 0') > md.index('Best trial') and f'```\n{text}\n```' in md
+
 
 def test_changed_search_space_refuses_the_journal(tmp_path):
   workdir = str(tmp_path / 'run')
