@@ -7,32 +7,27 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from sampling.load import load_workdir
-from sampling.reference import generate_reference
+from sampling.sampler import Sampler
 from sweeps.runner import read_json, write_json
 from sweeps.spec import SweepError
 
 SAMPLES = 'samples.json'
 
 
-def complete(loaded, prompt: str, *, max_new_tokens: int, temperature: float, seed: int) -> str:
-  """`prompt` followed by the model's completion (up to end-of-sequence)."""
+def complete(loaded, prompts: list[str], *, max_new_tokens: int, temperature: float,
+             seed: int) -> list[str]:
+  """Each prompt followed by the model's completion (up to end-of-sequence), one batch."""
   tok = loaded.tokenizer
-  ids = tok.encode(prompt)
-  max_new_tokens = min(max_new_tokens, loaded.config.model.max_len - ids.size)
-  if max_new_tokens <= 0:
-    raise SweepError(f'--prompt ({ids.size} tokens) leaves no room under model.max_len='
-                     f'{loaded.config.model.max_len}.')
-  out = generate_reference(loaded.graphdef, loaded.params, jnp.asarray(ids[None], jnp.int32),
-                           jax.random.key(seed), max_new_tokens=max_new_tokens,
-                           temperature=temperature)
-  new = np.asarray(out)[0, ids.size:]
-  stop = np.flatnonzero(new == tok.eos_id)
-  return prompt + tok.decode(new[:stop[0]] if stop.size else new)
+  ids = [tok.encode(p) for p in prompts]
+  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
+                    eos_id=tok.eos_id if tok.eos_id >= 0 else None, pad_id=max(tok.pad_id, 0))
+  try:
+    sampler.check(ids, max_new_tokens, temperature, 0, 1.0)
+  except ValueError as e:
+    raise SweepError(f'--samples: {e}') from None
+  new = sampler.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+  return [p + tok.decode(n) for p, n in zip(prompts, new)]
 
 
 def sample_trials(workdir: str, prompts: list[str], *, max_new_tokens: int = 64,
@@ -49,9 +44,8 @@ def sample_trials(workdir: str, prompts: list[str], *, max_new_tokens: int = 64,
     if read_json(os.path.join(directory, 'trial.json'), {}).get('status') != 'done':
       continue
     loaded = load_workdir(directory)
-    out['trials'][entry['name']] = {'step': loaded.step, 'samples': [
-        complete(loaded, p, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        for p in prompts]}
+    out['trials'][entry['name']] = {'step': loaded.step, 'samples': complete(
+        loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)}
   write_json(os.path.join(workdir, SAMPLES), out)
   return out
 

@@ -5,10 +5,15 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optuna
 import pytest
 
 from configs import default, schema
+from sampling.load import load_workdir
+from sampling.reference import generate_reference
 from sweeps import runner, search, spec
 from tests.conftest import ROOT
 
@@ -118,7 +123,8 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
     assert len(json.load(f)['launches']) == 1
   assert [r['eval_loss'] for r in read_rows(workdir)] == [r['eval_loss'] for r in rows]
 
-  # Side-by-side samples: the same prompt and seed from every trial, checked against sample.py.
+  # Side-by-side samples: the same prompt and seed from every trial, checked against the
+  # reference generator.
   sampled = subprocess.run(cmd[:2] + [f'--workdir={workdir}', '--report_only', '--samples',
                                       '--prompt=def ', '--max_new_tokens=12', '--temperature=0'],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -126,12 +132,14 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
   with open(os.path.join(workdir, 'samples.json')) as f:
     data = json.load(f)
   assert sorted(data['trials']) == sorted(r['trial'] for r in rows)
-  reference = subprocess.run([sys.executable, 'sample.py', f'--workdir={directory}',
-                              '--prompt=def ', '--max_new_tokens=12', '--temperature=0'],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert reference.returncode == 0, reference.stderr
+  loaded = load_workdir(directory)  # the full-recompute reference generator, greedy
+  prompt = loaded.tokenizer.encode('def ')
+  out = generate_reference(loaded.graphdef, loaded.params, jnp.asarray(prompt[None]),
+                           jax.random.key(0), max_new_tokens=12)
   text = data['trials'][rows[0]['trial']]['samples'][0]
-  assert text.startswith('def ') and text in reference.stdout
+  new = np.asarray(out)[0, prompt.size:]
+  stop = np.flatnonzero(new == loaded.tokenizer.eos_id)
+  assert text == 'def ' + loaded.tokenizer.decode(new[:stop[0]] if stop.size else new)
   with open(os.path.join(workdir, 'results.md')) as f:
     md = f.read()
   assert md.index('Samples (seed 0') > md.index('Best trial') and f'```\n{text}\n```' in md
