@@ -6,6 +6,10 @@ The same command on an existing DIR resumes from its latest checkpoint; so does
 (parameters, FLOPs, memory per device, sharding, estimated step time) without training or
 writing anything; it exits non-zero when the step does not fit in device memory.
 """
+import shlex
+import signal
+import sys
+
 from training import hostenv
 
 hostenv.ensure_fast_malloc()
@@ -14,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import schema
-from training import checkpoint, data, loop, preflight
+from training import checkpoint, data, guards, loop, preflight
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]. Optional when '
                                           '--workdir holds a run (it then resumes that config).',
@@ -51,10 +55,13 @@ def main(argv):
       return
     if _WORKDIR.value is None:
       raise SystemExit('error: --workdir is required (except with --dry_run).')
-    loop.train(config, _WORKDIR.value)
+    result = loop.train(config, _WORKDIR.value)
   except (schema.ConfigError, data.DataError, checkpoint.WorkdirError, preflight.PreflightError,
-          FileNotFoundError) as e:
+          guards.NonfiniteError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
+  if result['stopped']:  # SIGTERM/SIGINT: checkpointed; exit as the signal would (143, 130)
+    print(f'To resume, run the same command again: {shlex.join(sys.orig_argv)}')
+    sys.exit(128 + signal.Signals[result['stopped']])
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=16,
       checkpoint_every=120,
       keep_checkpoints=3,
+      nonfinite='stop',               # NaN/Inf loss or gradient: the update is always skipped;
+                                      # 'stop' also ends the run after max_nonfinite_steps in a
+                                      # row, 'skip' keeps going (skips are counted in metrics)
+      max_nonfinite_steps=10,
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
   return c

@@ -26,6 +26,7 @@ ENUMS = {
     'model.rope_scaling.kind': ('none', 'linear', 'llama3'),
     'data.corpus': ('stdlib', 'files'),
     'data.task': ('lm', 'pairs', 'span_corruption', 'addition', 'reversal'),
+    'train.nonfinite': ('skip', 'stop'),
 }
 SEQ2SEQ_TASKS = ('pairs', 'span_corruption', 'addition', 'reversal')
 POSITIVE = (
@@ -34,6 +35,7 @@ POSITIVE = (
     'data.seq_len', 'train.steps', 'train.batch_size', 'train.grad_accum_steps',
     'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
     'train.keep_checkpoints', 'data.source_len', 'data.synthetic_length',
+    'train.max_nonfinite_steps',
 )
 NON_NEGATIVE = ('train.warmup_steps', 'train.learning_rate', 'train.weight_decay',
                 'train.grad_clip', 'model.norm_eps', 'data.num_workers')

@@ -1,17 +1,21 @@
 """Orbax checkpoints of the train state and the grain iterator; workdir bookkeeping.
 
-Layout: WORKDIR/config.json (the resolved config), WORKDIR/checkpoints/<step>/{state,data}.
-Restoring onto a different mesh works: the abstract target carries the new shardings.
+Layout: WORKDIR/config.json (the resolved config), WORKDIR/checkpoints/<step>/{state,data}
+and <step>/sha256.json (training/integrity.py). Restoring onto a different mesh works: the
+abstract target carries the new shardings. A restore verifies the newest step and falls back to
+older ones; old steps are deleted only once a newer one is committed and checksummed.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 from configs import schema
+from training import integrity
 
 
 class WorkdirError(ValueError):
@@ -79,36 +83,101 @@ def check_param_shapes(abstract_params, saved_params) -> None:
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of {state, data iterator} under WORKDIR/checkpoints."""
+  """Keeps the last `keep` checksummed checkpoints of {state, data iterator} under
+  WORKDIR/checkpoints (pruning is done here, not by orbax, so that the last good step is never
+  deleted while a newer one is unverified)."""
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        max_to_keep=None, save_interval_steps=0 if read_only else 1,
         create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+    self.workdir, self.keep, self.read_only = workdir, keep, read_only
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+    self._unsealed: int | None = None   # saved, but its manifest is not written yet
+    self.restored_step: int | None = None
+
+  @staticmethod
+  def steps(workdir: str) -> list[int]:
+    """The committed steps on disk, oldest first (no orbax manager needed)."""
+    root = os.path.join(workdir, 'checkpoints')
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
 
   @staticmethod
   def exists(workdir: str) -> bool:
-    root = os.path.join(workdir, 'checkpoints')
-    return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
+    return bool(Checkpointer.steps(workdir))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.manager.directory, str(step))
+
   def save(self, step: int, state, data_iter=None) -> None:
+    """Starts an asynchronous save; the previous one is sealed (checksummed) first."""
+    self._seal()
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unsealed = step
+
+  def _seal(self) -> None:
+    """Waits for the pending save, writes its manifest, then prunes old steps."""
+    if self._unsealed is None:
+      return
+    self.manager.wait_until_finished()
+    integrity.write_manifest(self.step_dir(self._unsealed))
+    self._unsealed = None
+    sealed = [s for s in self.manager.all_steps() if integrity.has_manifest(self.step_dir(s))]
+    if len(sealed) > self.keep:
+      for s in self.manager.all_steps():
+        if s < sorted(sealed)[-self.keep]:
+          self.manager.delete(s)
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
     """Restores into the shapes/shardings of `abstract_state`; `data_iter` is updated in place
     when the checkpoint holds its position (an imported model's step-0 checkpoint does not:
-    the data then starts from the beginning)."""
-    step = self.latest_step() if step is None else step
+    the data then starts from the beginning).
+
+    step=None: the newest usable step. A step that fails its checksums or its restore is
+    reported on stderr and the previous one is tried; once one restores, the unusable newer
+    ones are moved to WORKDIR/unusable_checkpoints (unless read-only). `restored_step` tells
+    which step was used. Raises WorkdirError when no step restores.
+    """
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    problems = []
+    for s in steps:
+      problem = integrity.verify(self.step_dir(s))
+      if problem is None:
+        try:
+          state = self._restore(s, abstract_state, data_iter)
+        except WorkdirError:  # the config does not describe this model: not damage
+          raise
+        except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
+          problem = f'restoring it failed: {type(e).__name__}: {str(e)[:300]}'
+      if problem is not None:
+        problems.append((s, problem))
+        continue
+      self.restored_step = s
+      if not self.read_only and not integrity.has_manifest(self.step_dir(s)):
+        integrity.write_manifest(self.step_dir(s))  # committed before a kill: seal it now
+      for bad, why in problems:
+        note = f'checkpoint {bad} is unusable ({why})'
+        if not self.read_only:
+          note += f'; moved to {integrity.quarantine(self.step_dir(bad), self.workdir)}'
+        print(f'warning: {note}; restored the previous good checkpoint, step {s}.',
+              file=sys.stderr)
+      if problems and not self.read_only:
+        self.manager.reload()
+      return state
+    detail = '; '.join(f'step {s}: {why}' for s, why in problems) or 'there is none'
+    raise WorkdirError(f'--workdir={self.workdir}: no checkpoint could be restored ({detail}). '
+                       'Nothing was changed.')
+
+  def _restore(self, step: int, abstract_state, data_iter):
     check_param_shapes(abstract_state['params'], self.manager.item_metadata(step)['state']['params'])
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and 'data' in self.manager.item_metadata(step):
@@ -116,5 +185,6 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def close(self) -> None:
+    self._seal()
     self.manager.wait_until_finished()
     self.manager.close()

@@ -6,6 +6,7 @@ The train state is a dict pytree {'step', 'params', 'opt_state', 'rng'}; `params
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -21,9 +22,11 @@ from models import build_model
 from sampling import encdec as encdec_sampling
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
+from training import guards
 from training import seq2seq_data
 from training import mesh as mesh_lib
 from training import optim
+from training import preemption
 from training import runinfo
 from training.metrics import MetricsLogger
 from training.tokenizer import make_tokenizer
@@ -127,7 +130,8 @@ def setup(config, devices=None) -> Setup:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  train_step = jax.jit(make_train_step(graphdef, tx, config.train.grad_accum_steps),
+  step_fn = guards.skip_nonfinite(make_train_step(graphdef, tx, config.train.grad_accum_steps))
+  train_step = jax.jit(step_fn,
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], batch_sh),
@@ -180,7 +184,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
 
   stop_after: leave after this global step (checkpointed) without finishing the schedule.
-  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy'} (+ 'eval_exact_match' for
+  SIGTERM/SIGINT: the current step finishes, is checkpointed, and train returns early with
+  'stopped' set to the signal's name. A NaN/Inf step is skipped; train.nonfinite='stop' raises
+  guards.NonfiniteError after train.max_nonfinite_steps in a row.
+  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy', 'stopped'} (+ 'eval_exact_match' for
   encoder-decoder tasks).
   """
   schema.validate(config)
@@ -192,6 +199,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                              f'tokenizer vocabulary ({tokenizer.vocab_size}).')
   train_ds, eval_set, baseline = load_data(config, tokenizer)
   s = setup(config)
+  existing = len(ckpt_lib.Checkpointer.steps(workdir))
+  guards.check_workdir(workdir, guards.state_bytes(s.abstract_state), t.keep_checkpoints, existing)
   ckpt_lib.write_config(workdir, config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   data_iter = iter(train_ds)
@@ -208,30 +217,37 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     logger.print(f'Resuming {workdir} from step {start}.')
   tokens_per_step = t.batch_size * config.data.seq_len
   last_time, last_step, metrics, evals = time.time(), start, None, {}
-  for step in range(start + 1, end + 1):
-    batch = mesh_lib.put_batch(next(data_iter), s.mesh)
-    state, metrics = s.train_step(state, batch)
-    if step == start + 1:  # throughput excludes compilation
-      jax.block_until_ready(metrics)
-      last_time, last_step = time.time(), step
-    if step % t.log_every == 0 or step == end:
-      metrics, now = jax.device_get(metrics), time.time()
-      line = {**metrics, 'learning_rate': s.schedule(step - 1)}
-      if step > last_step:
-        line['tokens_per_sec'] = tokens_per_step * (step - last_step) / (now - last_time)
-      logger.write(step, line)
-      last_time, last_step = now, step
-    if step % t.eval_every == 0 or step == t.steps:
-      evals = eval_metrics(s, state['params'], eval_set, tokenizer)
-      logger.write(step, evals)
-      last_time = time.time()  # evaluation time is not training throughput
-    if step % t.checkpoint_every == 0 or step == end:
-      checkpointer.save(step, state, data_iter)
-    logger.advance(step)
-  checkpointer.close()
-  logger.close()
+  nonfinite = guards.NonfiniteGuard(t.nonfinite, t.max_nonfinite_steps)
+  with preemption.StopSignal() as stop, contextlib.closing(checkpointer), \
+      contextlib.closing(logger):
+    for step in range(start + 1, end + 1):
+      batch = mesh_lib.put_batch(next(data_iter), s.mesh)
+      state, metrics = s.train_step(state, batch)
+      nonfinite.observe(step, metrics['skipped_steps'])
+      if step == start + 1:  # throughput excludes compilation
+        jax.block_until_ready(metrics)
+        last_time, last_step = time.time(), step
+      if step % t.log_every == 0 or step == end:
+        metrics, now = jax.device_get(metrics), time.time()
+        line = {**metrics, 'learning_rate': s.schedule(step - 1),
+                'skipped_steps': nonfinite.take_skipped()}
+        if step > last_step:
+          line['tokens_per_sec'] = tokens_per_step * (step - last_step) / (now - last_time)
+        logger.write(step, line)
+        last_time, last_step = now, step
+      if step % t.eval_every == 0 or step == t.steps:
+        evals = eval_metrics(s, state['params'], eval_set, tokenizer)
+        logger.write(step, evals)
+        last_time = time.time()  # evaluation time is not training throughput
+      if step % t.checkpoint_every == 0 or step == end or stop.requested:
+        nonfinite.settle()  # a run stopped for NaNs saves nothing after them
+        checkpointer.save(step, state, data_iter)
+      logger.advance(step)
+      if stop.requested:
+        logger.print(f'Stopped by {stop.name} after step {step}; checkpoint saved in {workdir}.')
+        break
   result = {'step': int(state['step']), 'loss': None if metrics is None else float(metrics['loss']),
-            'eval_loss': None, 'unigram_entropy': baseline, **evals}
+            'eval_loss': None, 'unigram_entropy': baseline, **evals, 'stopped': stop.name or None}
   if int(state['step']) == t.steps and jax.process_index() == 0:
     if not evals:
       result.update(eval_metrics(s, state['params'], eval_set, tokenizer))

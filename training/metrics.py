@@ -14,7 +14,16 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+      # the last line of a killed run can be cut short; resuming rewrites it
+  return out
 
 
 class MetricsLogger:
