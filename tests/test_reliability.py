@@ -159,7 +159,7 @@ def _wait_for_step(workdir, step, proc, timeout=120):
 
 def test_sigterm_saves_and_rerun_completes(tmp_path):
   workdir = str(tmp_path / 'run')
-  cmd = _train_cmd(workdir, '--config.train.steps=80', '--config.train.log_every=1',
+  cmd = _train_cmd(workdir, '--config.train.steps=40', '--config.train.log_every=1',
                    '--config.train.checkpoint_every=1000', '--config.train.eval_every=1000')
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for_step(workdir, 2, proc)
@@ -167,14 +167,14 @@ def test_sigterm_saves_and_rerun_completes(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err
   step = ckpt_lib.Checkpointer.steps(workdir)[-1]
-  assert 2 <= step < 80
+  assert 2 <= step < 40
   assert f'Stopped by SIGTERM after step {step}; checkpoint saved in {workdir}' in out + err
   assert 'To resume, run the same command again:' in out and '--workdir=' in out
   assert integrity.has_manifest(os.path.join(workdir, 'checkpoints', str(step)))
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert f'Resuming {workdir} from step {step}' in done.stdout + done.stderr
-  assert [s for s, _ in _losses(workdir)] == list(range(1, 81))
+  assert [s for s, _ in _losses(workdir)] == list(range(1, 41))
 
 
 @pytest.mark.slow
