@@ -102,7 +102,7 @@ def test_unknown_key_fails_before_any_trial(tmp_path):
 
 
 @pytest.mark.parametrize('sweep_file, count', [
-    ('kv_heads.py', 4), ('kv_heads.py:short', 12), ('kv_heads.py:quick', 2), ('positional.py', 3),
+    ('kv_heads.py', 4), ('kv_heads.py:short', 8), ('kv_heads.py:quick', 2), ('positional.py', 3),
     ('window.py', 3)])
 def test_shipped_sweeps_validate(sweep_file, count):
   sweep = spec.load(os.path.join(ROOT, 'configs', 'sweeps', sweep_file))
