@@ -19,7 +19,8 @@ class Loaded:
 
 
 def load_workdir(workdir: str) -> Loaded:
-  """Restores the latest checkpoint of `workdir`; raises WorkdirError when there is none."""
+  """Restores the latest usable checkpoint of `workdir` (a damaged newest one is reported and
+  the previous one used); raises WorkdirError when there is none."""
   if not os.path.isdir(workdir):
     raise ckpt_lib.WorkdirError(f'--workdir={workdir}: no such directory.')
   config = ckpt_lib.load_config(workdir)
@@ -28,5 +29,6 @@ def load_workdir(workdir: str) -> Loaded:
   if step is None:
     raise ckpt_lib.WorkdirError(f'--workdir={workdir}: no checkpoint to sample from yet.')
   s = loop.setup(config)
-  state = checkpointer.restore(s.abstract_state, step=step)
-  return Loaded(config, s.graphdef, state['params'], make_tokenizer(config.data.tokenizer), step)
+  state = checkpointer.restore(s.abstract_state)
+  return Loaded(config, s.graphdef, state['params'], make_tokenizer(config.data.tokenizer),
+                checkpointer.restored_step)

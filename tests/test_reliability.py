@@ -260,6 +260,19 @@ def test_damaged_newest_falls_back_to_previous(trained, tmp_path, capsys, how):
   _assert_trees_equal(state, _restore(cfg, pristine, step=15))
 
 
+def test_sampling_uses_the_previous_good_checkpoint_and_moves_nothing(trained, tmp_path,
+                                                                      capsys):
+  from sampling.load import load_workdir
+  cfg, pristine = trained
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(pristine, workdir)
+  _damage(os.path.join(workdir, 'checkpoints', '20'), 'flip')
+  loaded = load_workdir(workdir)
+  assert loaded.step == 15 and 'checkpoint 20 is unusable' in capsys.readouterr().err
+  assert ckpt_lib.Checkpointer.steps(workdir) == [10, 15, 20]   # read-only: nothing moved
+  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=15)['params'])
+
+
 def test_training_resumes_past_a_damaged_checkpoint(trained, tmp_path):
   cfg, pristine = trained
   workdir = str(tmp_path / 'w')
