@@ -2,9 +2,14 @@
 
 `dot_product_attention` has the semantics of `jax.nn.dot_product_attention` for the same
 arguments (BTNH layout, boolean mask with True = attend, `local_window_size` int or
-(left, right)), plus keyword-only extras: explicit query/key positions (used by the KV cache)
-and segment ids (packed sequences). One deliberate difference: a query row with no key to
-attend to returns zeros (jax returns the mean of the values there).
+(left, right)), plus keyword-only extras: explicit query/key positions (used by the KV cache;
+a negative key position marks an empty slot and is never attended), segment ids (packed
+sequences) and block sizes. One deliberate difference: a query row with no key to attend to
+returns zeros (jax returns the mean of the values there).
+
+Implementations: 'xla' (reference, materialises [T, S] scores), 'blockwise' (models/blockwise.py:
+tiled online softmax, O(T) memory, masked tiles skipped), 'cudnn' (jax's fused kernel, GPU only),
+None / 'auto' (`choose_implementation`).
 """
 from __future__ import annotations
 
@@ -12,10 +17,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ('xla',)
+from models.blockwise import blockwise_attention
+
+IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn')
+# None picks blockwise when T * S reaches this (below it the reference is as fast on CPU and the
+# [T, S] scores are small); see benchmarks/attention.py.
+BLOCKWISE_MIN_SCORES = 512 * 1024
+DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV = 256, 512
 
 
-def _check_args(query, key, value, local_window_size, implementation):
+def _window_pair(local_window_size):
+  if local_window_size is None:
+    return None
+  if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+    pair = (int(local_window_size),) * 2
+  else:
+    try:
+      pair = tuple(int(w) for w in local_window_size)
+    except (TypeError, ValueError):
+      pair = ()
+  if len(pair) != 2 or min(pair) < 0:
+    raise ValueError(f'local_window_size must be an int >= 0 or a (left, right) pair of ints '
+                     f'>= 0; got {local_window_size!r}.')
+  return pair
+
+
+def _check_broadcast(name, x, full, dtype_kind=None):
+  if x is None:
+    return
+  if x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full)):
+    raise ValueError(f'{name} must be 4-D and broadcastable to [B, N, T, S] = {list(full)}; '
+                     f'got shape {x.shape}.')
+  if dtype_kind == 'bool' and x.dtype != jnp.bool_:
+    raise ValueError(f'{name} must be boolean (True = attend); got dtype {x.dtype}. Pass an '
+                     'additive mask as bias.')
+
+
+def _check_rows(name, x, batch, length, allow_batch_one):
+  if x is None:
+    return
+  ok_batch = (batch, 1) if allow_batch_one else (batch,)
+  if x.ndim != 2 or x.shape[0] not in ok_batch or x.shape[1] != length:
+    want = f'[{"B|1" if allow_batch_one else "B"}, {length}] with B={batch}'
+    raise ValueError(f'{name} must have shape {want}; got {x.shape}.')
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f'{name} must be integer; got dtype {x.dtype}.')
+
+
+def _check_args(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+                query_positions, key_positions, query_segment_ids, key_segment_ids,
+                implementation, block_q, block_kv):
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(f'query, key and value must be 4-D [B, T|S, N|K, H]; got shapes '
                      f'{query.shape}, {key.shape}, {value.shape}.')
@@ -28,15 +79,30 @@ def _check_args(query, key, value, local_window_size, implementation):
   if query.shape[2] % key.shape[2]:
     raise ValueError(f'query heads ({query.shape[2]}) must be a multiple of key/value heads '
                      f'({key.shape[2]}).')
-  if local_window_size is not None:
-    window = ((local_window_size, local_window_size) if isinstance(local_window_size, int)
-              else tuple(local_window_size))
-    if len(window) != 2 or min(window) < 0:
-      raise ValueError(f'local_window_size must be an int >= 0 or a (left, right) pair of ints '
-                       f'>= 0; got {local_window_size!r}.')
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(f'query, key and value must share a dtype; got {query.dtype}, {key.dtype}, '
+                     f'{value.dtype}.')
+  (b, t, n, _), s = query.shape, key.shape[1]
+  _check_broadcast('bias', bias, (b, n, t, s))
+  _check_broadcast('mask', mask, (b, n, t, s), 'bool')
+  for name, x in (('query_seq_lengths', query_seq_lengths),
+                  ('key_value_seq_lengths', key_value_seq_lengths)):
+    if x is not None and (x.shape != (b,) or not jnp.issubdtype(x.dtype, jnp.integer)):
+      raise ValueError(f'{name} must be an integer array of shape [B] = ({b},); got '
+                       f'{x.dtype}{list(x.shape)}.')
+  _check_rows('query_positions', query_positions, b, t, True)
+  _check_rows('key_positions', key_positions, b, s, True)
+  _check_rows('query_segment_ids', query_segment_ids, b, t, False)
+  _check_rows('key_segment_ids', key_segment_ids, b, s, False)
+  if implementation not in (None, 'auto') + IMPLEMENTATIONS:
     raise ValueError(f'implementation={implementation!r} is unknown; choose one of '
-                     f'{", ".join(IMPLEMENTATIONS)} or None.')
+                     f'{", ".join(IMPLEMENTATIONS)}, or None / "auto".')
+  for name, size in (('block_q', block_q), ('block_kv', block_kv)):
+    if size is not None and (not isinstance(size, (int, np.integer)) or size <= 0):
+      raise ValueError(f'{name}={size!r}: must be a positive integer.')
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f"implementation='cudnn' needs a GPU; the default backend is "
+                     f"{jax.default_backend()!r}. Use 'blockwise', 'xla' or None.")
 
 
 def attention_mask(batch: int, q_len: int, kv_len: int, *, mask=None, is_causal=False,
@@ -52,16 +118,17 @@ def attention_mask(batch: int, q_len: int, kv_len: int, *, mask=None, is_causal=
 
   if mask is not None:
     both(mask)
-  if is_causal or local_window_size is not None:
+  if is_causal or local_window_size is not None or key_positions is not None:
     q_pos = (jnp.arange(q_len)[None] if query_positions is None else query_positions)
     k_pos = (jnp.arange(kv_len)[None] if key_positions is None else key_positions)
     dist = q_pos[:, None, :, None] - k_pos[:, None, None, :]   # [B|1, 1, T, S]
     if is_causal:
       both(dist >= 0)
     if local_window_size is not None:
-      left, right = ((local_window_size, local_window_size)
-                     if isinstance(local_window_size, int) else local_window_size)
+      left, right = _window_pair(local_window_size)
       both((dist <= left) & (dist >= -right))
+    if key_positions is not None:   # negative key positions mark empty cache slots
+      both((key_positions >= 0)[:, None, None, :])
   if query_seq_lengths is not None:
     both((jnp.arange(q_len)[None, :] < query_seq_lengths[:, None])[:, None, :, None])
   if key_value_seq_lengths is not None:
@@ -110,10 +177,31 @@ def xla_attention(query, key, value, bias, mask, scale):
   return out.astype(query.dtype)
 
 
+def cudnn_supported(query, key, *, is_causal: bool, local_window, extras: bool) -> bool:
+  """Whether jax's cuDNN kernel handles this call: GPU, half precision, head_dim a multiple of
+  8 up to 128, a window only with causal masking, and none of our extras (positions, segments)."""
+  h = query.shape[-1]
+  return (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
+          and h % 8 == 0 and h <= 128 and not extras
+          and (local_window is None or is_causal))
+
+
+def choose_implementation(query, key, *, is_causal: bool = False, local_window=None,
+                          extras: bool = False) -> str:
+  """None / 'auto': cudnn where supported, else blockwise for T * S >= BLOCKWISE_MIN_SCORES,
+  else xla."""
+  if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window, extras=extras):
+    return 'cudnn'
+  if query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_SCORES:
+    return 'blockwise'
+  return 'xla'
+
+
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, implementation=None, query_positions=None,
-                          key_positions=None, query_segment_ids=None, key_segment_ids=None):
+                          key_positions=None, query_segment_ids=None, key_segment_ids=None,
+                          block_q=None, block_kv=None):
   """Scaled dot-product attention.
 
   Args:
@@ -123,17 +211,45 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       query at p attends keys in [p - left, p + right].
     query_seq_lengths, key_value_seq_lengths: [B] int32 valid lengths (padding).
     query_positions [B|1, T], key_positions [B|1, S]: positions used by the causal and window
-      masks (default: 0..T-1 and 0..S-1, as in jax).
+      masks (default: 0..T-1 and 0..S-1, as in jax); key positions < 0 are never attended.
     query_segment_ids [B, T], key_segment_ids [B, S]: attend only within equal ids.
-    implementation: 'xla' or None (choose the best available).
+    implementation: 'xla', 'blockwise', 'cudnn' (GPU only), or None / 'auto'.
+    block_q, block_kv: blockwise tile sizes (default 256 / 512; lengths need not divide).
   Returns: [B, T, N, H] in query's dtype.
   """
-  _check_args(query, key, value, local_window_size, implementation)
+  _check_args(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+              query_positions, key_positions, query_segment_ids, key_segment_ids,
+              implementation, block_q, block_kv)
+  window = _window_pair(local_window_size)
   scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else scale
+  extras = any(x is not None for x in (query_positions, key_positions, query_segment_ids,
+                                       key_segment_ids))
+  if implementation in (None, 'auto'):
+    implementation = choose_implementation(query, key, is_causal=is_causal, local_window=window,
+                                           extras=extras)
+  if implementation == 'blockwise':
+    return blockwise_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window=window, query_positions=query_positions, key_positions=key_positions,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+        block_q=block_q or DEFAULT_BLOCK_Q, block_kv=block_kv or DEFAULT_BLOCK_KV)
+  if implementation == 'cudnn':
+    if extras:   # positions / segments have no cuDNN form: fold them into the boolean mask
+      mask = attention_mask(
+          query.shape[0], query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,
+          local_window_size=window, query_positions=query_positions,
+          key_positions=key_positions, query_segment_ids=query_segment_ids,
+          key_segment_ids=key_segment_ids)
+      is_causal, window = False, None
+    return jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=window, implementation='cudnn')
   full_mask = attention_mask(
       query.shape[0], query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, query_positions=query_positions,
+      local_window_size=window, query_positions=query_positions,
       key_positions=key_positions, query_segment_ids=query_segment_ids,
       key_segment_ids=key_segment_ids)
   return xla_attention(query, key, value, bias, full_mask, scale)
