@@ -32,6 +32,7 @@ SEQ2SEQ_TASKS = ('pairs', 'span_corruption', 'addition', 'reversal')
 POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_heads', 'model.num_kv_heads',
     'model.mlp_dim', 'model.max_len', 'model.head_dim', 'model.sliding_window',
+    'model.attention_block_q', 'model.attention_block_kv',
     'data.seq_len', 'train.steps', 'train.batch_size', 'train.grad_accum_steps',
     'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
     'train.keep_checkpoints', 'data.source_len', 'data.synthetic_length',
@@ -42,7 +43,8 @@ NON_NEGATIVE = ('train.warmup_steps', 'train.learning_rate', 'train.weight_decay
 # Fields that define the model's parameters: a workdir refuses to resume if these differ.
 MODEL_SHAPE_PREFIXES = ('model.',)
 MODEL_SHAPE_EXEMPT = ('model.attention', 'model.dtype', 'model.scan_layers', 'model.remat',
-                      'model.sliding_window', 'model.max_len')
+                      'model.sliding_window', 'model.max_len', 'model.attention_block_q',
+                      'model.attention_block_kv', 'model.window_pattern')
 
 
 class ConfigError(ValueError):
@@ -156,6 +158,17 @@ def _check_seq2seq(m, d) -> None:
       raise ConfigError(f'data.mean_span_length={d.mean_span_length!r}: must be >= 1.')
 
 
+def _check_window_pattern(m) -> None:
+  p = m.window_pattern
+  if not isinstance(p, str) or set(p) - {'L', 'G'}:
+    raise ConfigError(f"model.window_pattern={p!r}: use only 'L' (local: model.sliding_window) "
+                      "and 'G' (global) per layer, cycled over layers, e.g. 'LLLG'; '' = every "
+                      "layer local when model.sliding_window is set.")
+  if 'L' in p and m.sliding_window is None:
+    raise ConfigError(f'model.window_pattern={p!r} has local layers but model.sliding_window is '
+                      'None; set model.sliding_window.')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; raises ConfigError naming the first bad field. Returns `config`."""
   check_keys(flatten(config.to_dict()))
@@ -184,6 +197,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.positional == 'sinusoidal' and m.d_model % 2:
     raise ConfigError(f'model.d_model={m.d_model} must be even for model.positional=sinusoidal.')
   _check_rope_scaling(m)
+  _check_window_pattern(m)
   if m.attention_out_bias not in (None, True, False):
     raise ConfigError(f'model.attention_out_bias={m.attention_out_bias!r}: must be true, false or '
                       'None (None: the same as model.attention_bias).')

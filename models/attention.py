@@ -23,7 +23,7 @@ IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn')
 # None picks blockwise when T * S reaches this (below it the reference is as fast on CPU and the
 # [T, S] scores are small); see benchmarks/attention.py.
 BLOCKWISE_MIN_SCORES = 512 * 1024
-DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV = 256, 512
+DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV = 256, 256
 
 
 def _window_pair(local_window_size):
@@ -214,7 +214,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       masks (default: 0..T-1 and 0..S-1, as in jax); key positions < 0 are never attended.
     query_segment_ids [B, T], key_segment_ids [B, S]: attend only within equal ids.
     implementation: 'xla', 'blockwise', 'cudnn' (GPU only), or None / 'auto'.
-    block_q, block_kv: blockwise tile sizes (default 256 / 512; lengths need not divide).
+    block_q, block_kv: blockwise tile sizes (default 256 / 256; lengths need not divide).
   Returns: [B, T, N, H] in query's dtype.
   """
   _check_args(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,

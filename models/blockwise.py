@@ -312,7 +312,7 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *, scale: float
                         is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                         local_window=None, query_positions=None, key_positions=None,
                         query_segment_ids=None, key_segment_ids=None, block_q: int = 256,
-                        block_kv: int = 512):
+                        block_kv: int = 256):
   """query [B, T, N, H], key/value [B, S, K, H] -> [B, T, N, H]; arguments checked by the caller.
 
   local_window: None or (left, right). bias / mask: [B|1, N|1, T|1, S|1]. Positions [B|1, T|S],

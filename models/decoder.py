@@ -9,7 +9,11 @@ from models.layers import Block, Embed, Projection, dtype_of, make_norm
 
 
 def layer_window(cfg, layer: int) -> int | None:
-  """The sliding-window size of `layer` (None: full attention)."""
+  """The sliding-window size of `layer` (None: full attention): `cfg.sliding_window` where
+  `cfg.window_pattern` (cycled over layers) has 'L', every layer when the pattern is ''."""
+  pattern = cfg.get('window_pattern') or ''
+  if pattern and pattern[layer % len(pattern)] == 'G':
+    return None
   return cfg.sliding_window
 
 

@@ -139,6 +139,7 @@ class Attention(nnx.Module):
     self.rope_scaling = positional.RopeScaling.from_config(cfg.get('rope_scaling'))
     self.sliding_window = sliding_window
     self.implementation = None if cfg.attention == 'auto' else cfg.attention
+    self.block_q, self.block_kv = cfg.get('attention_block_q'), cfg.get('attention_block_kv')
     self.q = Projection((cfg.d_model,), (cfg.num_heads, h), ('embed', 'heads', 'head_dim'), **kw)
     self.k = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
                         **kw)
@@ -166,7 +167,8 @@ class Attention(nnx.Module):
     out = dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, local_window_size=window,
         query_positions=positions, key_positions=positions, query_segment_ids=segment_ids,
-        key_segment_ids=segment_ids, implementation=self.implementation)
+        key_segment_ids=segment_ids, implementation=self.implementation,
+        block_q=self.block_q, block_kv=self.block_kv)
     return self.o(out)
 
   def context_cache(self, context: jnp.ndarray,
@@ -181,7 +183,8 @@ class Attention(nnx.Module):
   def attend_context(self, x: jnp.ndarray, cache: kv_cache.LayerCache) -> jnp.ndarray:
     """Cross attention of x [B, T, D] over a `context_cache` (no positions, no causality)."""
     out = dot_product_attention(self.q(x), cache.k, cache.v, mask=(cache.pos >= 0)[:, None, None],
-                                implementation=self.implementation)
+                                implementation=self.implementation, block_q=self.block_q,
+                                block_kv=self.block_kv)
     return self.o(out)
 
   def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache: kv_cache.LayerCache,

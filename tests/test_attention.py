@@ -350,3 +350,43 @@ def test_sharded_over_batch_and_heads():
   result = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize('overrides', [
+    {}, {'model.sliding_window': 5, 'model.window_pattern': 'LG', 'model.num_kv_heads': 1}])
+def test_model_logits_and_grads_equal_across_implementations(tiny_config, overrides):
+  """Tiny decoder: 'blockwise' (tiles of 8, several per sequence) == 'xla' for logits and every
+  parameter gradient; segment ids (packed rows) included."""
+  from flax import nnx
+  from models import build_model
+  tokens = jax.random.randint(jax.random.key(0), (2, 29), 0, 256)
+  segments = jnp.asarray(np.repeat([[0, 1, 2]], 2, 0).repeat([10, 12, 7], axis=1))
+  results = []
+  for impl in ('blockwise', 'xla'):
+    cfg = tiny_config(dict(overrides, **{'model.attention': impl, 'model.attention_block_q': 8,
+                                         'model.attention_block_kv': 8}))
+    graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+
+    def fn(params, tokens, segments, graphdef=graphdef):
+      loss = lambda p, seg: jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=seg) ** 2)
+      logits = nnx.merge(graphdef, params)(tokens)
+      return logits, jax.grad(loss)(params, None), jax.grad(loss)(params, segments)
+    results.append(run_fast(fn, params, tokens, segments))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_window_pattern_cycles_over_layers(tiny_config):
+  from configs import schema
+  from models.decoder import layer_window
+  cfg = tiny_config({'model.sliding_window': 7, 'model.window_pattern': 'LLG',
+                     'model.num_layers': 5})
+  schema.validate(cfg)
+  assert [layer_window(cfg.model, i) for i in range(5)] == [7, 7, None, 7, 7]
+  cfg = tiny_config({'model.sliding_window': 7})
+  assert [layer_window(cfg.model, i) for i in range(2)] == [7, 7]
+  for bad, match in (({'model.sliding_window': 7, 'model.window_pattern': 'LX'},
+                      'model.window_pattern'),
+                     ({'model.window_pattern': 'LG'}, 'model.sliding_window is None')):
+    with pytest.raises(schema.ConfigError, match=match):
+      schema.validate(tiny_config(bad))
