@@ -9,10 +9,10 @@ Layout inside: queries [B, K, T*G, H] with rows ordered (t, g), keys/values [B, 
 product is a batched matmul over (B, K), and GQA never repeats K/V. Elementwise work (masks,
 bias, softmax) sees a tile as [B, K, bq, G, bk].
 
-Tile skipping: a [num_q_tiles, num_kv_tiles] visibility table is computed from per-tile bounds
-of positions, segment ids, lengths and the mask (O(T/bq * S/bk)); invisible tiles are skipped by
-`lax.cond`. With default positions the loop also runs only over a static band of key tiles, so
-a sliding window W costs O(T * W) even under `vmap` (where `cond` computes both branches).
+Tile skipping: a [num_q_tiles, num_kv_tiles] table computed from per-tile bounds of positions,
+segment ids, lengths and the mask (O(T/bq * S/bk)) marks each tile invisible (skipped), partly
+visible (masked) or fully visible (no mask work); `lax.switch` picks the branch. With default positions the loop also runs only over a static band of key tiles, so
+a sliding window W costs O(T * W) even under `vmap` (where `switch` computes every branch).
 """
 from __future__ import annotations
 
@@ -124,14 +124,15 @@ def _tile_mask(spec: Spec, aux, i, j, tp, sp):
 
 
 def _tile_bounds(pos, valid, n, b):
-  """Per-tile (min, max, any) of `pos` [B|1, L] over `valid` [B, L] entries: each [B, n]."""
+  """Per-tile (min, max, any, all) of `pos` [B|1, L] over `valid` [B, L] entries: [B, n]."""
   p = jnp.broadcast_to(pos, valid.shape).reshape(valid.shape[0], n, b)
   v = valid.reshape(valid.shape[0], n, b)
-  return (jnp.where(v, p, _BIG).min(-1), jnp.where(v, p, -_BIG).max(-1), v.any(-1))
+  return (jnp.where(v, p, _BIG).min(-1), jnp.where(v, p, -_BIG).max(-1), v.any(-1), v.all(-1))
 
 
 def visible_tiles(spec: Spec, aux, batch, tp, sp):
-  """[nq, nk] bool: tile (i, j) has at least one visible (query, key) pair in some batch row."""
+  """[nq, nk] int32: 0 = no visible (query, key) pair in tile (i, j) in any batch row (skip),
+  1 = some (apply the mask), 2 = every pair of every row visible (no mask needed)."""
   nq, nk = tp // spec.bq, sp // spec.bk
   q_valid = jnp.broadcast_to(jnp.arange(tp)[None] < spec.t, (batch, tp))
   if aux['q_len'] is not None:
@@ -143,38 +144,46 @@ def visible_tiles(spec: Spec, aux, batch, tp, sp):
   k_pos = jnp.arange(sp)[None] if aux['k_pos'] is None else aux['k_pos']
   if aux['k_pos'] is not None:
     k_valid &= aux['k_pos'] >= 0
-  q_lo, q_hi, q_any = _tile_bounds(q_pos, q_valid, nq, spec.bq)
-  k_lo, k_hi, k_any = _tile_bounds(k_pos, k_valid, nk, spec.bk)
+  q_lo, q_hi, q_any, q_all = _tile_bounds(q_pos, q_valid, nq, spec.bq)
+  k_lo, k_hi, k_any, k_all = _tile_bounds(k_pos, k_valid, nk, spec.bk)
   vis = q_any[:, :, None] & k_any[:, None, :]                 # [B, nq, nk]
+  full = q_all[:, :, None] & k_all[:, None, :]
   hi_dist = q_hi[:, :, None] - k_lo[:, None, :]               # largest q_pos - k_pos
   lo_dist = q_lo[:, :, None] - k_hi[:, None, :]               # smallest
   if spec.causal:
     vis &= hi_dist >= 0
+    full &= lo_dist >= 0
   if spec.window is not None:
     vis &= (hi_dist >= -spec.window[1]) & (lo_dist <= spec.window[0])
+    full &= (lo_dist >= -spec.window[1]) & (hi_dist <= spec.window[0])
   if aux['q_seg'] is not None:
-    qs_lo, qs_hi, _ = _tile_bounds(aux['q_seg'], q_valid, nq, spec.bq)
-    ks_lo, ks_hi, _ = _tile_bounds(aux['k_seg'], k_valid, nk, spec.bk)
+    qs_lo, qs_hi, _, _ = _tile_bounds(aux['q_seg'], q_valid, nq, spec.bq)
+    ks_lo, ks_hi, _, _ = _tile_bounds(aux['k_seg'], k_valid, nk, spec.bk)
     vis &= (qs_lo[:, :, None] <= ks_hi[:, None, :]) & (ks_lo[:, None, :] <= qs_hi[:, :, None])
+    full &= ((qs_lo == qs_hi)[:, :, None] & (ks_lo == ks_hi)[:, None, :]
+             & (qs_lo[:, :, None] == ks_lo[:, None, :]))
   if aux['mask'] is not None:
     m = aux['mask'].any(1)                                    # [Bm, Tm, Sm]
     full_t, full_s = _dims(aux['mask'], tp, sp)
     tn, tb = (nq, spec.bq) if full_t else (1, 1)
     sn, sb = (nk, spec.bk) if full_s else (1, 1)
     vis &= m.reshape(m.shape[0], tn, tb, sn, sb).any((2, 4))
-  return vis.any(0)
+    full &= aux['mask'].all(1).reshape(m.shape[0], tn, tb, sn, sb).all((2, 4))
+  vis = vis.any(0)
+  return vis.astype(jnp.int32) + (vis & full.all(0)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- forward / backward
 
-def _logits(spec: Spec, q_i, k_j, bias, aux, i, j, tp, sp):
-  """Scaled, biased, masked fp32 logits of tile (i, j): [B, K, bq, G, bk] (masked = -inf)."""
+def _logits(spec: Spec, q_i, k_j, bias, aux, i, j, tp, sp, masked: bool):
+  """Scaled, biased fp32 logits of tile (i, j): [B, K, bq, G, bk]; masked entries -inf
+  (`masked`=False: the tile is known to be fully visible)."""
   b, k = q_i.shape[:2]
   s = jnp.einsum('bkrh,bksh->bkrs', q_i, k_j, preferred_element_type=jnp.float32)
   s = s.reshape(b, k, spec.bq, spec.groups, spec.bk) * jnp.float32(spec.scale)
   if bias is not None:
     s = s + _tile_rows(bias, spec, i, j, tp, sp).astype(jnp.float32)
-  mask = _tile_mask(spec, aux, i, j, tp, sp)
+  mask = _tile_mask(spec, aux, i, j, tp, sp) if masked else None
   return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
@@ -190,7 +199,7 @@ def _forward(spec: Spec, q, k, v, bias, aux):
   """q [B, K, Tp*G, H], k/v [B, K, Sp, H] -> (out like q, lse [B, K, Tp, G] fp32)."""
   b, kh, rows, h = q.shape
   tp, sp = rows // spec.groups, k.shape[2]
-  vis = visible_tiles(spec, aux, b, tp, sp)
+  kind = visible_tiles(spec, aux, b, tp, sp)
   starts = jnp.asarray(spec.starts, jnp.int32)
   stat_shape = (b, kh, spec.bq, spec.groups)
 
@@ -201,9 +210,9 @@ def _forward(spec: Spec, q, k, v, bias, aux):
     def kv_step(r, state):
       j = starts[i] + r
 
-      def attend(state):
+      def attend(state, masked):
         acc, m, l = state
-        s = _logits(spec, q_i, _kv_tile(k, spec, j), bias, aux, i, j, tp, sp)
+        s = _logits(spec, q_i, _kv_tile(k, spec, j), bias, aux, i, j, tp, sp, masked)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
@@ -213,7 +222,8 @@ def _forward(spec: Spec, q, k, v, bias, aux):
         acc = acc * corr.reshape(b, kh, -1, 1) + pv
         return acc, m_new, l * corr + p.sum(-1)
 
-      return lax.cond(vis[i, j], attend, lambda st: st, state)
+      return lax.switch(kind[i, j], (lambda st: st, functools.partial(attend, masked=True),
+                                     functools.partial(attend, masked=False)), state)
 
     init = (jnp.zeros((b, kh, spec.bq * spec.groups, h), jnp.float32),
             jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32))
@@ -231,7 +241,7 @@ def _backward(spec: Spec, res, d_out):
   q, k, v, bias, aux, out, lse = res
   b, kh, rows, h = q.shape
   tp, sp = rows // spec.groups, k.shape[2]
-  vis = visible_tiles(spec, aux, b, tp, sp)
+  kind = visible_tiles(spec, aux, b, tp, sp)
   starts = jnp.asarray(spec.starts, jnp.int32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.reshape(b, kh, tp, spec.groups)
@@ -244,34 +254,37 @@ def _backward(spec: Spec, res, d_out):
     delta_i = lax.dynamic_slice_in_dim(delta, i * spec.bq, spec.bq, 2)[..., None]
 
     def kv_step(r, state):
+      dq_i, dk, dv, dbias = state
       j = starts[i] + r
+      full_t, full_s = (False, False) if dbias is None else _dims(dbias, tp, sp)
+      db_start = (0, 0, i * spec.bq if full_t else 0, j * spec.bk if full_s else 0)
 
-      def grads(state):
-        dq_i, dk, dv, dbias = state
+      def grads(masked):   # tile-sized results only: the switch never carries full dk / dv
         k_j, v_j = _kv_tile(k, spec, j), _kv_tile(v, spec, j)
-        p = jnp.exp(_logits(spec, q_i, k_j, bias, aux, i, j, tp, sp) - lse_i)
+        p = jnp.exp(_logits(spec, q_i, k_j, bias, aux, i, j, tp, sp, masked) - lse_i)
         p4 = p.reshape(b, kh, -1, spec.bk)
         dv_j = jnp.einsum('bkrs,bkrh->bksh', p4.astype(do_i.dtype), do_i,
                           preferred_element_type=jnp.float32)
         dp = jnp.einsum('bkrh,bksh->bkrs', do_i, v_j, preferred_element_type=jnp.float32)
         ds = p * (dp.reshape(p.shape) - delta_i)                 # d logits, [B, K, bq, G, bk]
         ds4 = ds.reshape(b, kh, -1, spec.bk)
-        dq_i = dq_i + jnp.einsum('bkrs,bksh->bkrh', ds4.astype(k.dtype), k_j,
-                                 preferred_element_type=jnp.float32) * scale
+        dq_j = jnp.einsum('bkrs,bksh->bkrh', ds4.astype(k.dtype), k_j,
+                          preferred_element_type=jnp.float32) * scale
         dk_j = jnp.einsum('bkrs,bkrh->bksh', ds4.astype(q.dtype), q_i,
                           preferred_element_type=jnp.float32) * scale
-        add = lambda acc, x: lax.dynamic_update_slice_in_dim(
-            acc, _kv_tile(acc, spec, j) + x, j * spec.bk, 2)
-        dk, dv = add(dk, dk_j), add(dv, dv_j)
-        if dbias is not None:
-          full_t, full_s = _dims(dbias, tp, sp)
-          start = (0, 0, i * spec.bq if full_t else 0, j * spec.bk if full_s else 0)
-          tile = _untile_rows(ds, dbias.shape, spec, tp, sp)
-          dbias = lax.dynamic_update_slice(
-              dbias, lax.dynamic_slice(dbias, start, tile.shape) + tile, start)
-        return dq_i, dk, dv, dbias
+        db = None if dbias is None else _untile_rows(ds, dbias.shape, spec, tp, sp)
+        return dq_j, dk_j, dv_j, db
 
-      return lax.cond(vis[i, j], grads, lambda st: st, state)
+      shapes = jax.eval_shape(functools.partial(grads, False))
+      skip = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      dq_j, dk_j, dv_j, db = lax.switch(kind[i, j], (skip, functools.partial(grads, True),
+                                                     functools.partial(grads, False)))
+      add = lambda acc, x: lax.dynamic_update_slice_in_dim(
+          acc, _kv_tile(acc, spec, j) + x, j * spec.bk, 2)
+      if dbias is not None:
+        dbias = lax.dynamic_update_slice(
+            dbias, lax.dynamic_slice(dbias, db_start, db.shape) + db, db_start)
+      return dq_i + dq_j, add(dk, dk_j), add(dv, dv_j), dbias
 
     dq_i = jnp.zeros((b, kh, spec.bq * spec.groups, h), jnp.float32)
     dq_i, dk, dv, dbias = lax.fori_loop(0, spec.band, kv_step, (dq_i, dk, dv, dbias))

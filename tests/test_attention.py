@@ -255,7 +255,8 @@ def test_vmap_and_grad_compose():
 
 def test_band_and_visible_tiles_skip_masked_tiles():
   """Causal window W: the static band covers ceil((W + bq) / bk) + 1 key tiles at most and the
-  visibility table marks exactly the tiles holding a visible pair (numpy, from the definition)."""
+  table marks exactly the tiles holding a visible pair, and those where every pair is visible
+  (numpy, from the definition)."""
   t, bq, bk, left = 64, 8, 8, 11
   starts, band = blockwise.band_of(t, t, bq, bk, True, (left, 0), True)
   assert band == 3 and len(starts) == t // bq
@@ -263,11 +264,12 @@ def test_band_and_visible_tiles_skip_masked_tiles():
                         groups=1, starts=starts, band=band)
   aux = dict(kv_limit=None, q_len=None, q_pos=None, k_pos=None, q_seg=None, k_seg=None,
              mask=None)
-  vis = np.asarray(blockwise.visible_tiles(spec, aux, 1, t, t))
+  kind = np.asarray(blockwise.visible_tiles(spec, aux, 1, t, t))
   qi, kj = np.arange(t)[:, None], np.arange(t)[None]
   pair = (kj <= qi) & (qi - kj <= left)
   want = pair.reshape(t // bq, bq, t // bk, bk).any((1, 3))
-  np.testing.assert_array_equal(vis, want)
+  np.testing.assert_array_equal(kind > 0, want)
+  np.testing.assert_array_equal(kind == 2, pair.reshape(t // bq, bq, t // bk, bk).all((1, 3)))
   for i, start in enumerate(starts):   # every visible tile lies inside the band
     assert all(start <= j < start + band for j in np.nonzero(want[i])[0])
   full_starts, full_band = blockwise.band_of(t, t, bq, bk, True, None, True)
