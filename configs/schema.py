@@ -151,6 +151,13 @@ def _check_seq2seq(m, d) -> None:
   if d.task == 'pairs' and not d.files.strip():
     raise ConfigError("data.files is empty: give the JSONL or TSV pairs files (comma-separated "
                       "paths or globs) when data.task='pairs'.")
+  if d.task in ('addition', 'reversal'):
+    n = d.synthetic_length
+    need = (2 * n + 2, n + 2) if d.task == 'addition' else (n + 1, n + 1)
+    if d.source_len < need[0] or d.seq_len < need[1]:
+      raise ConfigError(f'data.task={d.task} with data.synthetic_length={n} needs '
+                        f'data.source_len >= {need[0]} and data.seq_len >= {need[1]} (EOS '
+                        f'included); got {d.source_len} and {d.seq_len}.')
   if d.task == 'span_corruption':
     if not 0 < d.noise_density < 1:
       raise ConfigError(f'data.noise_density={d.noise_density!r}: must be in (0, 1).')

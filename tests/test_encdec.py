@@ -14,6 +14,7 @@ from flax import nnx
 from configs import encdec, schema
 from models import build_model, layers
 from sampling import encdec as encdec_sampling
+from training import data as data_lib
 from training import seq2seq_data, span_corruption
 from training.data import DataError
 from training.tokenizer import ByteTokenizer
@@ -166,13 +167,13 @@ def test_synthetic_task_is_correct_and_held_out(task):
   data = seq2seq_data.load(cfg, tok)
   decode = lambda row: tok.decode(row[row < 256])
   held = {decode(s) for b in data.eval for s in b['sources']}
-  assert len(held) == 32
+  assert len(held) == 32 and all(data_lib.is_held_out(s, cfg.data.eval_percent) for s in held)
   it = iter(data.train)
   for _ in range(20):
     batch = next(it)
     for src, tgt in zip(batch['sources'], batch['targets']):
       s, t = decode(src), decode(tgt)
-      assert s not in held
+      assert not data_lib.is_held_out(s, cfg.data.eval_percent)
       assert t == (str(eval(s)) if task == 'addition' else s[::-1])   # noqa: S307 (digits only)
 
 
@@ -348,3 +349,9 @@ def test_cached_greedy_and_beam_equal_the_reference(arch):
   for a, b in zip(encdec_sampling.beam_search_reference(graphdef, params, sources, **kw),
                   encdec_sampling.beam_search(graphdef, params, sources, **kw)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_synthetic_lengths_must_fit():
+  with pytest.raises(schema.ConfigError,
+                     match='data.synthetic_length=5 needs data.source_len >= 12'):
+    config(overrides={'data.synthetic_length': 5})

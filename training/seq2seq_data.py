@@ -123,10 +123,11 @@ def synthetic_pair(task: str, rng: np.random.Generator, n: int) -> tuple[str, st
 
 class _Synthetic:
   """Random-access endless source: example i is drawn from a generator seeded by (seed, i),
-  redrawn while its source is in the held-out set."""
+  redrawn while its source is held out (`data.is_held_out` of the source text: a fixed
+  `data.eval_percent` share of all possible sources, spread evenly over lengths)."""
 
-  def __init__(self, data_cfg, tok: Tokenizer, seed: int, held_out: frozenset):
-    self.cfg, self.tok, self.seed, self.held_out = data_cfg, tok, seed, held_out
+  def __init__(self, data_cfg, tok: Tokenizer, seed: int):
+    self.cfg, self.tok, self.seed = data_cfg, tok, seed
 
   def __len__(self) -> int:
     return 2 ** 62
@@ -135,19 +136,20 @@ class _Synthetic:
     rng = np.random.default_rng([self.seed, 1, int(i)])
     while True:
       source, target = synthetic_pair(self.cfg.task, rng, self.cfg.synthetic_length)
-      if source not in self.held_out:
+      if not data_lib.is_held_out(source, self.cfg.eval_percent):
         break
     return make_example(self.tok.encode(source), self.tok.encode(target), self.cfg.source_len,
                         self.cfg.seq_len, self.tok)
 
 
 def synthetic_held_out(data_cfg, tok: Tokenizer, count: int, seed: int) -> list[dict]:
-  """`count` distinct held-out examples (fewer if the task has fewer than 2 * count)."""
+  """Up to `count` distinct held-out examples, drawn from the training distribution restricted
+  to held-out sources (fewer when the task has fewer held-out sources)."""
   rng = np.random.default_rng([seed, 2])
   seen, examples = set(), []
-  for _ in range(20 * count):
+  for _ in range(int(50 * count * 100 / data_cfg.eval_percent)):
     source, target = synthetic_pair(data_cfg.task, rng, data_cfg.synthetic_length)
-    if source not in seen:
+    if source not in seen and data_lib.is_held_out(source, data_cfg.eval_percent):
       seen.add(source)
       examples.append((source, target))
     if len(examples) == count:
@@ -227,8 +229,10 @@ def load(config, tok: Tokenizer, *, process_index: int = 0, process_count: int =
   num_eval = t.eval_batches * t.batch_size
   if d.task in ('addition', 'reversal'):
     held_out = synthetic_held_out(d, tok, num_eval, t.seed)
-    sources = frozenset(tok.decode(e['sources']) for e in held_out)
-    ds = grain.MapDataset.source(_Synthetic(d, tok, t.seed, sources))
+    if not held_out:
+      raise DataError(f'data.task={d.task}: no held-out example found; raise '
+                      f'data.synthetic_length or data.eval_percent.')
+    ds = grain.MapDataset.source(_Synthetic(d, tok, t.seed))
   elif d.task == 'pairs':
     train, held_out = pair_examples(d, tok)
     ds = _rows(train).shuffle(seed=t.seed).repeat(None)
