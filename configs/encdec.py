@@ -1,8 +1,8 @@
 """Encoder-decoder transformer: `--config=configs/encdec.py:TASK[,ARCH][,tiny]`.
 
 TASK: `reversal` (default; strings of up to 8 letters reversed, exact match on a held-out set),
-`addition` (multi-digit sums, held out the same way), `span` (T5 span corruption over the default corpus), `pairs` (your JSONL/TSV pairs:
-add `--config.data.files=...`).
+`addition` (multi-digit sums, held out the same way), `span` (T5 span corruption over the
+default corpus), `pairs` (your JSONL/TSV pairs: add `--config.data.files=...`).
 ARCH: `modern` (default: pre-RMSNorm, RoPE self-attention, SwiGLU, GQA) or `paper` (Vaswani et
 al.: post-LayerNorm, sinusoidal positions, ReLU MLP, multi-head attention, shared embeddings
 scaled by sqrt(d_model)).
