@@ -26,11 +26,7 @@ import transformers  # noqa: E402
 from interop.convert import import_hf  # noqa: E402
 from sampling.load import load_workdir  # noqa: E402
 
-try:  # the cached sampler (issue 5)
-  from sampling.sampler import Sampler
-except ImportError:
-  Sampler = None
-
+from sampling.sampler import Sampler  # noqa: E402
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -43,6 +39,7 @@ def parse_args():
   p.add_argument('--prompt_len', type=int, default=128)
   p.add_argument('--new_tokens', type=int, default=128)
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--chunk', type=int, default=64, help='our decode steps per jitted call')
   return p.parse_args()
 
 
@@ -68,24 +65,15 @@ def theirs(model, prompts, new):
   return out[:, prompts.shape[1]:].numpy()
 
 
-def make_ours(workdir):
+def make_ours(workdir, chunk):
+  """Our cached sampler on the imported workdir: (prompts, n) -> [B, n] greedy new tokens."""
   loaded = load_workdir(workdir)
-  if Sampler is not None:
-    sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
-                      vocab_size=loaded.config.model.vocab_size)
-
-    def run(prompts, new):
-      return np.stack(sampler.generate(list(prompts), max_new_tokens=new, temperature=0.0))
-    return run, 'cached sampler (sampling/sampler.py)'
-
-  from sampling.reference import generate_reference  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
+                    chunk=chunk)
 
   def run(prompts, new):
-    out = generate_reference(loaded.graphdef, loaded.params, jax.numpy.asarray(prompts),
-                             jax.random.key(0), max_new_tokens=new)
-    return np.asarray(out)[:, prompts.shape[1]:]
-  return run, 'full-recompute reference generator (no cached sampler on this branch)'
+    return np.stack(sampler.generate(list(prompts), max_new_tokens=new, temperature=0.0))
+  return run, f'cached sampler (sampling/sampler.py, decode chunks of {chunk})'
 
 
 def median_times(fns, repeats):
@@ -105,7 +93,7 @@ def main():
     folder, workdir = os.path.join(tmp, 'hf'), os.path.join(tmp, 'wd')
     model = build_llama(args, folder)
     import_hf(folder, workdir)
-    ours, label = make_ours(workdir)
+    ours, label = make_ours(workdir, args.chunk)
     prompts = np.random.RandomState(0).randint(3, args.vocab, (args.batch, args.prompt_len))
     n = args.new_tokens
     same = np.array_equal(ours(prompts, n), theirs(model, prompts, n))   # also compiles ours

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from models.attention import dot_product_attention
 
-SMALLEST_VIEW = 128   # decode attends over the smallest power-of-two prefix holding every token
+VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # decode reads the smallest such prefix holding every token
 
 
 class LayerCache(NamedTuple):
@@ -83,12 +83,14 @@ def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
                       for old, x in zip(cache, new)))
 
 
-def view_sizes(size: int, smallest: int = SMALLEST_VIEW) -> list[int]:
-  """Prefix lengths decode may attend over: smallest, 2 * smallest, ... < size, then size."""
-  sizes, n = [], smallest
+def view_sizes(size: int, block: int = VIEW_BLOCK, growth: float = VIEW_GROWTH) -> list[int]:
+  """Prefix lengths decode may attend over: multiples of `block`, each at least `growth` times
+  the one before, then `size`. Reading the smallest one that holds the filled slots costs at
+  most ~growth x the filled length (plus one block)."""
+  sizes, n = [], block
   while n < size:
     sizes.append(n)
-    n *= 2
+    n = max(n + block, -(-int(n * growth) // block) * block)
   return sizes + [size]
 
 

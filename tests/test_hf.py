@@ -32,6 +32,7 @@ from interop.hf_config import InteropError  # noqa: E402
 from interop.hf_params import SafetensorsFolder  # noqa: E402
 from sampling.load import load_workdir  # noqa: E402
 from sampling.reference import generate_reference  # noqa: E402
+from sampling.sampler import Sampler  # noqa: E402
 from models import layers, positional  # noqa: E402
 from training import loop  # noqa: E402
 from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
@@ -161,6 +162,10 @@ def test_greedy_generation_matches_transformers(hf, imported, family):
                             jax.random.key(0), max_new_tokens=32)
   assert expected.shape == (2, 40)
   np.testing.assert_array_equal(np.asarray(ours), expected)
+  # The cached sampler (what sample.py uses); Mistral's window of 8 makes its ring cache wrap.
+  cached = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
+                   chunk=8).generate(list(prompt), max_new_tokens=32)
+  np.testing.assert_array_equal(np.stack(cached), expected[:, 8:])
 
 
 @pytest.mark.parametrize('family', FAMILIES)

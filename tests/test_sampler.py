@@ -118,7 +118,7 @@ def test_cache_bytes_scale_with_kv_heads(tiny_config):
 
 def test_view_sizes():
   assert kv_cache.view_sizes(64) == [64]
-  assert kv_cache.view_sizes(1024) == [128, 256, 512, 1024]
+  assert kv_cache.view_sizes(1024) == [128, 256, 384, 512, 640, 896, 1024]
   assert kv_cache.view_sizes(300) == [128, 256, 300]
 
 
