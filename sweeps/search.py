@@ -121,6 +121,13 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Search:
                 {k: tuple(v) for k, v in space.items()})
 
 
+def trial_seed(seed: int, number: int) -> int:
+  """The sampler seed for trial `number`: well mixed (consecutive integer seeds give correlated
+  first draws), and the same whether or not the search was interrupted before this trial."""
+  import numpy as np
+  return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 def make_sampler(kind: str, seed: int):
   import optuna
   if kind == 'random':
@@ -195,7 +202,7 @@ def run(workdir: str, search: Search, parallel: int = 1) -> list[dict]:
     batch = [(t.number, _trial(search, t.number, t.params)) for t in study.trials
              if t.state == optuna.trial.TrialState.RUNNING][:max(1, parallel)]
     while len(batch) < max(1, parallel) and len(study.trials) < search.num_trials:
-      study.sampler = make_sampler(search.sampler, search.seed + len(study.trials))
+      study.sampler = make_sampler(search.sampler, trial_seed(search.seed, len(study.trials)))
       asked = study.ask(dists)
       batch.append((asked.number, _trial(search, asked.number, asked.params)))
     if not batch:

@@ -82,7 +82,7 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
   s = search.build(spec.load_raw(path), path)
   study = search.open_study(workdir, s)
   dists = {k: search.distribution(k, v, 'x') for k, v in s.space.items()}
-  study.sampler = search.make_sampler('random', 0)
+  study.sampler = search.make_sampler('random', search.trial_seed(0, 0))
   interrupted = study.ask(dists).params
 
   cmd = [sys.executable, 'sweep.py', f'--sweep={path}', f'--workdir={workdir}']

@@ -1,7 +1,7 @@
 """Learning rate, warmup and weight decay by TPE search (Optuna), on the tiny model.
 
   python sweep.py --sweep=configs/sweeps/lr_search.py --workdir=runs/sweeps/lr_search
-12 trials of 150 steps, a few minutes on 2 CPU cores; `:random` samples uniformly at random
+10 trials of 150 steps, a few minutes on 2 CPU cores; `:random` samples uniformly at random
 instead. Rerunning the command resumes the study from WORKDIR/optuna_journal.log.
 """
 
@@ -15,4 +15,4 @@ def get_sweep(arg: str | None = None):
   return {'config': 'configs/default.py:tiny',
           'base': {'train.steps': 150, 'train.eval_every': 50, 'train.checkpoint_every': 150,
                    'train.log_every': 25},
-          'search': {'sampler': sampler, 'num_trials': 12, 'seed': 0, 'space': SPACE}}
+          'search': {'sampler': sampler, 'num_trials': 10, 'seed': 0, 'space': SPACE}}
