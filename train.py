@@ -70,6 +70,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     schema.check_override_flags(argv[1:])
   except schema.ConfigError as e:
     raise SystemExit(f'error: {e}') from None
+  has_config = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
+  if not has_config and any(a.startswith('--config.') for a in argv[1:]):
+    raise SystemExit('error: --config.KEY overrides need --config; to change a saved run use '
+                     '--config=configs/resolved.py:WORKDIR (its saved config) with the overrides.')
   return app.parse_flags_with_usage(argv)
 
 

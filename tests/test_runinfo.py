@@ -50,3 +50,13 @@ def test_run_json_then_resume_from_workdir_alone(tiny_config, tmp_path):
   assert info['launches'][1]['config_hash'] == info['config_hash']
   steps = [m['step'] for m in metrics.read_metrics(str(workdir)) if 'loss' in m]
   assert steps == list(range(1, 21))
+
+
+def test_overrides_without_config_point_to_resolved(tmp_path):
+  proc = subprocess.run([sys.executable, 'train.py', f'--workdir={tmp_path}',
+                         '--config.train.steps=5'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: --config.KEY overrides need --config; to change a saved run use '
+      '--config=configs/resolved.py:WORKDIR (its saved config) with the overrides.')
