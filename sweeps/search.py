@@ -246,4 +246,4 @@ def best(workdir: str) -> dict | None:
   value, entry = min(scored, key=lambda pair: pair[0])
   overrides = {**sweep['base'], **entry['overrides']}
   return {'trial': entry['name'], 'overrides': entry['overrides'], OBJECTIVE: value,
-          'command': command_line(sweep['config'], overrides, f'runs/{entry["name"]}')}
+          'command': command_line(sweep['config'], overrides, f'runs/best-{entry["hash"]}')}
