@@ -109,13 +109,23 @@ def test_cli_dry_run_on_a_sharded_mesh_and_too_small_memory(tmp_path):
     ('--config.model.num_kv_head=1', 'model.num_kv_heads'),
     ('--config.train.num_kv_heads=1', 'model.num_kv_heads'),
     ('--config.train.learning_rat=0.1', 'train.learning_rate'),
+    ('--config.model.positionl=rope', 'model.positional'),
 ])
-def test_cli_misspelt_override_gets_a_suggestion(tmp_path, flag, suggestion):
+def test_misspelt_override_flag_gets_a_suggestion(flag, suggestion):
   key = flag[len('--config.'):].split('=')[0]
+  with pytest.raises(schema.ConfigError) as e:
+    schema.check_override_flags(['--config=configs/default.py:tiny', '--dry_run', flag])
+  assert str(e.value) == f'--config.{key}: unknown key `{key}` (did you mean `{suggestion}`?).'
+  schema.check_override_flags(['--config.model.num_kv_heads=1', '--config.train.steps', '5'])
+
+
+def test_cli_misspelt_override_is_one_line(tmp_path):
+  """Without the check, ml_collections' flag parser ends in a traceback."""
   proc = subprocess.run([sys.executable, 'train.py', '--config=configs/default.py:tiny',
-                         f'--workdir={tmp_path / "run"}', flag], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode != 0
+                         f'--workdir={tmp_path / "run"}', '--config.model.num_kv_head=1'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      f'error: --config.{key}: unknown key `{key}` (did you mean `{suggestion}`?).')
+      'error: --config.model.num_kv_head: unknown key `model.num_kv_head` (did you mean '
+      '`model.num_kv_heads`?).')
   assert not (tmp_path / 'run').exists()

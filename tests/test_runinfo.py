@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from configs import schema
 from training import checkpoint as ckpt_lib
 from training import loop, metrics, runinfo
@@ -29,6 +31,7 @@ def test_code_revision_follows_git(tmp_path):
   assert runinfo.code_revision(str(tmp_path)) == head + '+dirty'
 
 
+@pytest.mark.slow
 def test_run_json_then_resume_from_workdir_alone(tiny_config, tmp_path):
   workdir = tmp_path / 'run'
   loop.train(tiny_config({'train.log_every': 1}), str(workdir), stop_after=10)
