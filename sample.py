@@ -6,14 +6,12 @@ from training import hostenv
 
 hostenv.ensure_fast_malloc()
 
-from typing import Iterable, Iterator
-
 import numpy as np
 from absl import app, flags, logging
 
 from sampling import encdec
 from sampling.load import load_workdir
-from sampling.sampler import Sampler
+from sampling.sampler import Sampler, stream_text
 from training.checkpoint import WorkdirError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
@@ -60,21 +58,6 @@ def sample_encoder_decoder(loaded) -> None:
   for i, text in enumerate(texts):
     print(f'--- {kind} {i} (step {loaded.step}) ---')
     print(text)
-
-
-def stream_text(decode, chunks: Iterable[np.ndarray]) -> Iterator[str]:
-  """Text pieces of row 0 as token chunks [B, n] arrive (-1: no token). An incomplete
-  multi-byte character (decoded as U+FFFD) is held back until the rest of it arrives."""
-  tokens, shown = [], ''
-  for chunk in chunks:
-    tokens.extend(int(t) for t in chunk[0] if t >= 0)
-    text = decode(np.asarray(tokens, np.int32)).rstrip('\ufffd')
-    if text.startswith(shown) and len(text) > len(shown):
-      yield text[len(shown):]
-      shown = text
-  text = decode(np.asarray(tokens, np.int32))
-  if text.startswith(shown):
-    yield text[len(shown):]
 
 
 def main(argv):

@@ -18,7 +18,7 @@ samples with `fold_in(key(seed), i)`, so results do not depend on the chunk size
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +160,19 @@ class Sampler:
       return [np.zeros((0,), np.int32) for _ in prompts]
     out = np.concatenate(chunks, axis=1)
     return [row[row >= 0] for row in out]
+
+
+def stream_text(decode: Callable[[np.ndarray], str],
+                chunks: Iterable[np.ndarray]) -> Iterator[str]:
+  """Text pieces of row 0 as token chunks [B, n] arrive (-1: no token). An incomplete
+  multi-byte character (decoded as U+FFFD) is held back until the rest of it arrives."""
+  tokens, shown = [], ''
+  for chunk in chunks:
+    tokens.extend(int(t) for t in chunk[0] if t >= 0)
+    text = decode(np.asarray(tokens, np.int32)).rstrip('\ufffd')
+    if text.startswith(shown) and len(text) > len(shown):
+      yield text[len(shown):]
+      shown = text
+  text = decode(np.asarray(tokens, np.int32))
+  if text.startswith(shown):
+    yield text[len(shown):]

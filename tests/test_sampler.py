@@ -18,7 +18,8 @@ from models import build_model, kv_cache
 from sampling import sampler as sampler_lib
 from sampling.reference import generate_reference
 from sampling.rules import sample_tokens
-from sampling.sampler import Sampler
+from sampling.sampler import Sampler, stream_text
+from training.tokenizer import ByteTokenizer
 from tests.test_sampling_rules import numpy_filter
 
 ATOL = 1e-4
@@ -255,3 +256,14 @@ def test_bad_requests_raise_clear_errors(tiny_model, kwargs, message):
   prompts = kwargs.pop('prompts')
   with pytest.raises(ValueError, match=message):
     Sampler(graphdef, params, max_len=256).generate(prompts, **kwargs)
+
+
+def test_stream_text_holds_back_split_characters():
+  """sample.py's streaming: chunks that split multi-byte UTF-8 characters print cleanly."""
+  data = 'héllo wörld 🙂 done'.encode()
+  ids = np.frombuffer(data, np.uint8).astype(np.int32)
+  chunks = [np.stack([ids[i:i + 3], np.full(len(ids[i:i + 3]), 7)]) for i in range(0, len(ids), 3)]
+  chunks.append(np.full((2, 4), -1, np.int32))      # a finished row makes no tokens
+  pieces = list(stream_text(ByteTokenizer().decode, chunks))
+  assert ''.join(pieces) == data.decode()
+  assert len(pieces) > 3 and not any('\ufffd' in p for p in pieces)
