@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       attention_out_bias=config_dict.placeholder(bool),  # None: same as attention_bias (Qwen2: False)
       mlp_bias=False,
       init_std=0.02,
+      dropout=0.0,                    # training-time dropout on embeddings and sublayer outputs
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
       param_dtype='float32',
       scan_layers=False,
@@ -74,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_workers=0,                  # grain worker processes
       # Encoder-decoder data (training/seq2seq_data.py); the decoder-only model uses 'lm'.
       task='lm',                      # 'lm' | 'pairs' | 'span_corruption' | 'addition' | 'reversal'
-      source_len=128,                 # encoder-decoder: longest source; data.seq_len: longest target
+      source_len=128,                 # encoder-decoder: longest source (seq_len: longest target)
       noise_density=0.15,             # span_corruption: share of tokens masked
       mean_span_length=3.0,           # span_corruption: mean masked span length (tokens)
       synthetic_length=8,             # addition: max digits per operand; reversal: max characters

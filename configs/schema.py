@@ -204,6 +204,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.positional == 'sinusoidal' and m.d_model % 2:
     raise ConfigError(f'model.d_model={m.d_model} must be even for model.positional=sinusoidal.')
   _check_rope_scaling(m)
+  if not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
+    raise ConfigError(f'model.dropout={m.dropout!r}: must be a number in [0, 1).')
   _check_window_pattern(m)
   if m.attention_out_bias not in (None, True, False):
     raise ConfigError(f'model.attention_out_bias={m.attention_out_bias!r}: must be true, false or '

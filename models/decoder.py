@@ -1,11 +1,12 @@
 """Decoder-only language model: embeddings -> N blocks -> norm -> logits."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models import kv_cache, positional
-from models.layers import Block, Embed, Projection, dtype_of, make_norm
+from models.layers import Block, Embed, Projection, dropout, dtype_of, fold_key, make_norm
 
 
 def layer_window(cfg, layer: int) -> int | None:
@@ -28,6 +29,8 @@ class DecoderLM(nnx.Module):
                cross_attention: bool = False):
     self.d_model, self.positional = cfg.d_model, cfg.positional
     self.scale_embeddings = cfg.scale_embeddings
+    self.dropout = cfg.get('dropout') or 0.0
+    self.uses_rng = self.dropout > 0   # training/loop.py passes a per-step key then
     emb = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
     self.pos_embed = (Embed(cfg.max_len, cfg.d_model, axes=(None, 'embed'), **emb)
@@ -76,7 +79,8 @@ class DecoderLM(nnx.Module):
                cache: list[kv_cache.LayerCache] | None = None,
                cache_index: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
                context_mask: jnp.ndarray | None = None,
-               context_cache: list[kv_cache.LayerCache] | None = None):
+               context_cache: list[kv_cache.LayerCache] | None = None,
+               rng: jax.Array | None = None):
     """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1.
 
     With `cache` (from `init_cache`) returns (logits, updated cache): cache_index None
@@ -84,6 +88,7 @@ class DecoderLM(nnx.Module):
     positions are then required, -1 marking left padding (see models/kv_cache.py).
     context [B, S, D], context_mask [B, S] (True = real token): cross-attention input, or
     context_cache: its per-layer keys and values from `context_caches`.
+    rng: training key for dropout (`model.dropout`); None: no dropout.
     """
     ctx = [None] * len(self.layers) if context_cache is None else context_cache
     if positions is None:
@@ -97,8 +102,8 @@ class DecoderLM(nnx.Module):
                                context_cache=layer_ctx)
         new_cache.append(layer_cache)
       return self.logits(x), new_cache
-    x = self.embed_tokens(tokens, positions)
-    for layer, layer_ctx in zip(self.layers, ctx):
+    x = dropout(self.embed_tokens(tokens, positions), self.dropout, fold_key(rng, 0))
+    for i, (layer, layer_ctx) in enumerate(zip(self.layers, ctx)):
       x = layer(x, positions, segment_ids=segment_ids, context=context, context_mask=context_mask,
-                context_cache=layer_ctx)
+                context_cache=layer_ctx, rng=fold_key(rng, i + 1))
     return self.logits(x)

@@ -7,11 +7,12 @@ tokens equal to `model.pad_id` are padding: no query attends to them.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.decoder import DecoderLM
-from models.layers import Block, make_norm
+from models.layers import Block, dropout, fold_key, make_norm
 
 
 class EncoderDecoder(nnx.Module):
@@ -22,28 +23,34 @@ class EncoderDecoder(nnx.Module):
     self.decoder = DecoderLM(cfg, rngs, num_layers=cfg.num_decoder_layers, cross_attention=True)
     self.encoder_layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_encoder_layers)])
     self.encoder_norm = make_norm(cfg) if cfg.norm_position == 'pre' else None
+    self.dropout = self.decoder.dropout
+    self.uses_rng = self.decoder.uses_rng   # training/loop.py passes a per-step key then
 
   def source_mask(self, sources: jnp.ndarray) -> jnp.ndarray:
     """[B, S] bool, True at real (non-pad) source tokens."""
     return sources != self.pad_id
 
-  def encode(self, sources: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """sources [B, S] -> (encoder output [B, S, D], source mask [B, S])."""
+  def encode(self, sources: jnp.ndarray,
+             rng: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """sources [B, S] -> (encoder output [B, S, D], source mask [B, S]). rng: dropout key."""
     mask = self.source_mask(sources)
     positions = jnp.broadcast_to(jnp.arange(sources.shape[1]), sources.shape)
     x = self.decoder.embed_tokens(sources, positions)   # the shared embedding table
+    x = dropout(x, self.dropout, fold_key(rng, 0))
     attn_mask = mask[:, None, None, :]                  # keys: real tokens only
-    for layer in self.encoder_layers:
-      x = layer(x, positions, causal=False, mask=attn_mask)
+    for i, layer in enumerate(self.encoder_layers):
+      x = layer(x, positions, causal=False, mask=attn_mask, rng=fold_key(rng, i + 1))
     if self.encoder_norm is not None:
       x = self.encoder_norm(x)
     return x, mask
 
   def decode(self, encoded: jnp.ndarray, source_mask: jnp.ndarray, targets: jnp.ndarray,
-             positions: jnp.ndarray | None = None) -> jnp.ndarray:
+             positions: jnp.ndarray | None = None, rng: jax.Array | None = None) -> jnp.ndarray:
     """Teacher-forced decoder: targets [B, T] (shifted right, starting with BOS) -> [B, T, V]."""
-    return self.decoder(targets, positions, context=encoded, context_mask=source_mask)
+    return self.decoder(targets, positions, context=encoded, context_mask=source_mask, rng=rng)
 
-  def __call__(self, sources: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    encoded, mask = self.encode(sources)
-    return self.decode(encoded, mask, targets)
+  def __call__(self, sources: jnp.ndarray, targets: jnp.ndarray,
+               rng: jax.Array | None = None) -> jnp.ndarray:
+    """rng: training key for dropout (`model.dropout`, the paper's 0.1); None: none."""
+    encoded, mask = self.encode(sources, fold_key(rng, 0))
+    return self.decode(encoded, mask, targets, rng=fold_key(rng, 1))

@@ -211,6 +211,15 @@ class Attention(nnx.Module):
     return self.o(kv_cache.attend(q, positions, cache, filled=filled, **kw)), cache
 
 
+def dropout(x: jnp.ndarray, rate: float, rng: jax.Array | None) -> jnp.ndarray:
+  """Inverted dropout: zeroes each element with probability `rate` and scales the rest by
+  1 / (1 - rate). Identity when rng is None (evaluation, decoding) or rate == 0."""
+  if rng is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class Block(nnx.Module):
   """Transformer block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
 
@@ -223,15 +232,18 @@ class Block(nnx.Module):
     self.cross_attn = Attention(cfg, rngs, rope=False) if cross_attention else None
     self.mlp_norm = make_norm(cfg)
     self.mlp = Mlp(cfg, rngs)
+    self.dropout = cfg.get('dropout') or 0.0
 
-  def _residual(self, x, norm, fn):
-    return x + fn(norm(x)) if self.pre_norm else norm(x + fn(x))
+  def _residual(self, x, norm, fn, rng=None):
+    drop = lambda h: dropout(fn(h), self.dropout, rng)
+    return x + drop(norm(x)) if self.pre_norm else norm(x + drop(x))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
                mask=None, context=None, context_mask=None, cache=None, cache_index=None,
-               context_cache=None):
+               context_cache=None, rng=None):
     """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention, or
     context_cache: its keys and values, precomputed by `cross_attn.context_cache`.
+    rng: training key for dropout on each sublayer's output (None: no dropout).
 
     With a self-attention `cache` (see `Attention.cached`) returns (x, updated cache).
     """
@@ -241,14 +253,21 @@ class Block(nnx.Module):
           self.attn.cached(h, positions, cache, cache_index), new_cache))
     else:
       x = self._residual(x, self.attn_norm, lambda h: self.attn(
-          h, positions, segment_ids=segment_ids, causal=causal, mask=mask))
+          h, positions, segment_ids=segment_ids, causal=causal, mask=mask),
+                         fold_key(rng, 0))
     if self.cross_attn is not None:
       if context_cache is None:
         context_cache = self.cross_attn.context_cache(context, context_mask)
       x = self._residual(x, self.cross_norm,
-                         lambda h: self.cross_attn.attend_context(h, context_cache))
-    x = self._residual(x, self.mlp_norm, self.mlp)
+                         lambda h: self.cross_attn.attend_context(h, context_cache),
+                         fold_key(rng, 1))
+    x = self._residual(x, self.mlp_norm, self.mlp, fold_key(rng, 2))
     return x if cache is None else (x, new_cache[0])
+
+
+def fold_key(rng: jax.Array | None, i: int) -> jax.Array | None:
+  """fold_in(rng, i), or None when rng is None."""
+  return None if rng is None else jax.random.fold_in(rng, i)
 
 
 def _keep_cache(out_and_cache, sink: list):

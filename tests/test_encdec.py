@@ -355,3 +355,26 @@ def test_synthetic_lengths_must_fit():
   with pytest.raises(schema.ConfigError,
                      match='data.synthetic_length=5 needs data.source_len >= 12'):
     config(overrides={'data.synthetic_length': 5})
+
+
+# --- dropout --------------------------------------------------------------------------------
+
+def test_dropout_formula():
+  x = jnp.ones((200_000,))
+  y = np.asarray(layers.dropout(x, 0.25, jax.random.key(0)))
+  np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(np.mean(y == 0) - 0.25) < 0.005           # P(drop) = rate
+  assert layers.dropout(x, 0.25, None) is x
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_dropout_only_with_a_training_key(arch):
+  model = build_model(config(f'addition,{arch},tiny', {'model.dropout': 0.3}), nnx.Rngs(0))
+  plain = build_model(config(f'addition,{arch},tiny'), nnx.Rngs(0))
+  assert model.uses_rng and not plain.uses_rng
+  sources, targets = random_tokens(0, (2, 6)), random_tokens(1, (2, 5))
+  np.testing.assert_allclose(model(sources, targets), plain(sources, targets), atol=1e-6)
+  a = model(sources, targets, rng=jax.random.key(1))
+  np.testing.assert_array_equal(a, model(sources, targets, rng=jax.random.key(1)))
+  assert float(jnp.max(jnp.abs(a - plain(sources, targets)))) > 1e-3
+  assert float(jnp.max(jnp.abs(a - model(sources, targets, rng=jax.random.key(2))))) > 1e-3

@@ -5,8 +5,8 @@ spans; span and gap lengths are random compositions, gaps first. Each noise span
 the input by one sentinel id; the target lists every sentinel followed by the span it stands for:
   tokens  a b c d e f g        inputs  a <s0> d e <s1> g
   noise       ^ ^     ^        targets <s0> b c <s1> f
-(training/seq2seq_data.py appends EOS to both). The counts depend on n only, so every window of one length gives the same input and target
-lengths (static shapes).
+(training/seq2seq_data.py appends EOS to both). The counts depend on n only, so every window
+of one length gives the same input and target lengths (static shapes).
 """
 from __future__ import annotations
 
