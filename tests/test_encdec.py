@@ -15,6 +15,7 @@ from configs import encdec, schema
 from models import build_model, layers
 from sampling import encdec as encdec_sampling
 from training import data as data_lib
+from training import loop
 from training import seq2seq_data, span_corruption
 from training.data import DataError
 from training.tokenizer import ByteTokenizer
@@ -378,3 +379,18 @@ def test_dropout_only_with_a_training_key(arch):
   np.testing.assert_array_equal(a, model(sources, targets, rng=jax.random.key(1)))
   assert float(jnp.max(jnp.abs(a - plain(sources, targets)))) > 1e-3
   assert float(jnp.max(jnp.abs(a - model(sources, targets, rng=jax.random.key(2))))) > 1e-3
+
+
+def test_train_step_draws_dropout_from_the_state_rng():
+  """The step's loss is the model's loss under key fold_in(state rng, step): recomputed here."""
+  cfg = config('reversal,tiny', {'model.dropout': 0.3})
+  s = loop.setup(cfg)
+  state = s.init_state()
+  batch = next(iter(seq2seq_data.load(cfg, ByteTokenizer()).train))
+  model = nnx.merge(s.graphdef, state['params'])
+  key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), 0)
+  loss_sum, weight_sum = loop.model_loss(model, batch, key)
+  no_drop = loop.model_loss(model, batch)
+  _, metrics = s.train_step(state, batch)
+  assert float(metrics['loss']) == pytest.approx(float(loss_sum / weight_sum), rel=1e-5)
+  assert abs(float(metrics['loss']) - float(no_drop[0] / no_drop[1])) > 1e-4
