@@ -127,21 +127,22 @@ CASES = [random_case(np.random.default_rng(1000 + i), i) for i in range(16)]
 @pytest.mark.parametrize('chunk', range(4))
 def test_matches_jax_reference_fp32(chunk):
   """4 random cases per compiled program (compiling dominates on CPU): GQA/MQA, odd T != S,
-  causal, windows, lengths, masks, bias, several tiles per axis. Both 'blockwise' and 'xla':
-  fp32 forward <= 2e-5, grads (q, k, v, bias) <= 1e-4."""
+  causal, windows, lengths, masks, bias, several tiles per axis. 'blockwise' on every case,
+  'xla' on every other one: fp32 forward <= 2e-5, grads (q, k, v, bias) <= 1e-4."""
   cases = CASES[chunk::4]
   inputs = [make_inputs(c) for c in cases]
   nonempty = [jnp.asarray(visible_np(c, a).transpose(0, 2, 1)[..., None])
               for c, a in zip(cases, inputs)]
 
-  def run(inputs, nonempty):
-    return [[fwd_and_grads(fn, a) for fn in (ours(c, a, 'blockwise'), ours(c, a, 'xla'),
-                                              reference(c, a, e))]
-            for c, a, e in zip(cases, inputs, nonempty)]
+  impls = [('blockwise', 'xla') if c['seed'] % 2 else ('blockwise',) for c in cases]
 
-  for c, results in zip(cases, run_fast(run, inputs, nonempty)):
-    (ref_out, ref_grads) = results[-1]
-    for name, (out, grads) in zip(('blockwise', 'xla'), results[:2]):
+  def run(inputs, nonempty):
+    return [[fwd_and_grads(fn, a) for fn in [reference(c, a, e)] + [ours(c, a, i) for i in im]]
+            for c, a, e, im in zip(cases, inputs, nonempty, impls)]
+
+  for c, im, results in zip(cases, impls, run_fast(run, inputs, nonempty)):
+    (ref_out, ref_grads) = results[0]
+    for name, (out, grads) in zip(im, results[1:]):
       np.testing.assert_allclose(out, ref_out, atol=FWD_TOL, rtol=0, err_msg=f'{name} {c}')
       for arg, got, want in zip('qkvb', grads, ref_grads):
         np.testing.assert_allclose(got, want, atol=GRAD_TOL, rtol=0,
@@ -295,8 +296,8 @@ def test_memory_is_linear_in_length():
 
 
 def test_auto_choice_on_cpu():
-  q, k, _ = qkv(1, 8, 8, 2, 1, 8)
-  assert choose_implementation(q, k) == 'xla'
+  q = jax.ShapeDtypeStruct((1, 8, 2, 8), jnp.float32)
+  assert choose_implementation(q, q) == 'xla'
   big_q = jax.ShapeDtypeStruct((1, 1024, 2, 8), jnp.bfloat16)
   assert choose_implementation(big_q, big_q) == 'blockwise'   # no GPU here: never cudnn
 
@@ -358,7 +359,7 @@ def test_sharded_over_batch_and_heads():
     {}, {'model.sliding_window': 5, 'model.window_pattern': 'LG', 'model.num_kv_heads': 1}])
 def test_model_logits_and_grads_equal_across_implementations(tiny_config, overrides):
   """Tiny decoder: 'blockwise' (tiles of 8, several per sequence) == 'xla' for logits and every
-  parameter gradient; segment ids (packed rows) included."""
+  parameter gradient (of a loss over packed rows with segment ids)."""
   from flax import nnx
   from models import build_model
   tokens = jax.random.randint(jax.random.key(0), (2, 29), 0, 256)
@@ -370,9 +371,8 @@ def test_model_logits_and_grads_equal_across_implementations(tiny_config, overri
     graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
 
     def fn(params, tokens, segments, graphdef=graphdef):
-      loss = lambda p, seg: jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=seg) ** 2)
-      logits = nnx.merge(graphdef, params)(tokens)
-      return logits, jax.grad(loss)(params, None), jax.grad(loss)(params, segments)
+      loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segments) ** 2)
+      return nnx.merge(graphdef, params)(tokens), jax.grad(loss)(params)
     results.append(run_fast(fn, params, tokens, segments))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
