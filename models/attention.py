@@ -242,9 +242,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
           key_positions=key_positions, query_segment_ids=query_segment_ids,
           key_segment_ids=key_segment_ids)
       is_causal, window = False, None
+    i32 = lambda x: None if x is None else x.astype(jnp.int32)   # jax wants int32 lengths
     return jax.nn.dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        query_seq_lengths=i32(query_seq_lengths), key_value_seq_lengths=i32(key_value_seq_lengths),
         local_window_size=window, implementation='cudnn')
   full_mask = attention_mask(
       query.shape[0], query.shape[1], key.shape[1], mask=mask, is_causal=is_causal,

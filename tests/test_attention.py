@@ -392,3 +392,24 @@ def test_window_pattern_cycles_over_layers(tiny_config):
                      ({'model.window_pattern': 'LG'}, 'model.sliding_window is None')):
     with pytest.raises(schema.ConfigError, match=match):
       schema.validate(tiny_config(bad))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+def test_cudnn_matches_xla_on_gpu():
+  """GPU only: 'cudnn' and None (auto, which picks cudnn here) == 'xla' in bf16, causal GQA with
+  a window and key lengths, forward and grads."""
+  q, k, v = qkv(2, 256, 256, 8, 2, 64, jnp.bfloat16, seed=5)
+  assert choose_implementation(q, k, is_causal=True) == 'cudnn'
+  lengths = jnp.asarray([256, 200], jnp.int32)
+
+  def fn(impl):
+    loss = lambda q, k, v: jnp.sum(dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(63, 0), key_value_seq_lengths=lengths,
+        implementation=impl).astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+  want = fn('xla')
+  for impl in ('cudnn', None):
+    for a, b in zip(jax.tree.leaves(fn(impl)), jax.tree.leaves(want)):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.max(np.abs(a - b)) <= 0.05 * max(1.0, np.max(np.abs(b))), impl
