@@ -63,8 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,                    # training-time dropout on embeddings and sublayer outputs
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
       param_dtype='float32',
-      scan_layers=False,
-      remat='none',                   # 'none' | 'full' | 'save_dots'
+      scan_layers=False,              # stack the layers [L, ...] and run them under lax.scan
+      remat='none',                   # 'none' | 'full' | 'save_dots' | 'save_dots_no_batch'
   )
   c.data = dict(
       corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files'

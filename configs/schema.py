@@ -22,7 +22,7 @@ ENUMS = {
     'model.attention': ('auto', 'xla', 'blockwise', 'cudnn'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.remat': ('none', 'full', 'save_dots'),
+    'model.remat': ('none', 'full', 'save_dots', 'save_dots_no_batch'),
     'model.rope_scaling.kind': ('none', 'linear', 'llama3'),
     'data.corpus': ('stdlib', 'files'),
     'data.task': ('lm', 'pairs', 'span_corruption', 'addition', 'reversal'),

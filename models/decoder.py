@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import kv_cache, positional
+from models import kv_cache, positional, scan
 from models.layers import Block, Embed, Projection, dropout, dtype_of, fold_key, make_norm
+from models.sharding import RESIDUAL, constrain
 
 
 def layer_window(cfg, layer: int) -> int | None:
@@ -35,9 +36,15 @@ class DecoderLM(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
     self.pos_embed = (Embed(cfg.max_len, cfg.d_model, axes=(None, 'embed'), **emb)
                       if cfg.positional == 'learned' else None)
-    self.layers = nnx.List([Block(cfg, rngs, sliding_window=layer_window(cfg, i),
-                                  cross_attention=cross_attention)
-                            for i in range(cfg.num_layers if num_layers is None else num_layers)])
+    n = cfg.num_layers if num_layers is None else num_layers
+    blocks = [Block(cfg, rngs, sliding_window=layer_window(cfg, i), cross_attention=cross_attention)
+              for i in range(n)]
+    self.scan_layers, self.remat, self.num_layers = cfg.scan_layers, cfg.remat, n
+    if cfg.scan_layers and len({layer_window(cfg, i) for i in range(n)}) > 1:
+      raise ValueError('model.scan_layers=True needs identical layers; these sliding windows '
+                       'differ per layer. Set model.scan_layers=False.')
+    # Scanned: one Block with parameters stacked [L, ...] (same init as unrolled; models/scan.py).
+    self.layers = scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = make_norm(cfg) if cfg.norm_position == 'pre' else None
     self.lm_head = (None if cfg.tie_embeddings else
                     Projection((cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
@@ -63,16 +70,21 @@ class DecoderLM(nnx.Module):
       return self.embed.attend(x)
     return self.lm_head(x).astype(jnp.float32)
 
+  def layer_list(self) -> list:
+    """The blocks one by one (scanned layers: per-layer views of the stacked parameters)."""
+    return scan.unstack_module(self.layers) if self.scan_layers else list(self.layers)
+
   def init_cache(self, batch: int, length: int, dtype=None) -> list[kv_cache.LayerCache]:
     """An empty KV cache per layer: L = `length` slots, or a ring of W for windowed layers."""
+    layers = [self.layers] * self.num_layers if self.scan_layers else self.layers
     return [kv_cache.init(batch, length, l.attn.num_kv_heads, l.attn.head_dim,
                           dtype or dtype_of(l.attn.k.dtype), window=l.attn.sliding_window)
-            for l in self.layers]
+            for l in layers]
 
   def context_caches(self, context: jnp.ndarray,
                      context_mask: jnp.ndarray | None = None) -> list[kv_cache.LayerCache]:
     """Every layer's cross-attention keys/values of `context` [B, S, D], computed once."""
-    return [l.cross_attn.context_cache(context, context_mask) for l in self.layers]
+    return [l.cross_attn.context_cache(context, context_mask) for l in self.layer_list()]
 
   def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                segment_ids: jnp.ndarray | None = None, *,
@@ -90,20 +102,27 @@ class DecoderLM(nnx.Module):
     context_cache: its per-layer keys and values from `context_caches`.
     rng: training key for dropout (`model.dropout`); None: no dropout.
     """
-    ctx = [None] * len(self.layers) if context_cache is None else context_cache
+    ctx = [None] * self.num_layers if context_cache is None else context_cache
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if cache is not None:
       x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
       new_cache = []
-      for layer, layer_cache, layer_ctx in zip(self.layers, cache, ctx):
+      for layer, layer_cache, layer_ctx in zip(self.layer_list(), cache, ctx):
         x, layer_cache = layer(x, positions, cache=layer_cache, cache_index=cache_index,
                                context=context, context_mask=context_mask,
                                context_cache=layer_ctx)
         new_cache.append(layer_cache)
       return self.logits(x), new_cache
     x = dropout(self.embed_tokens(tokens, positions), self.dropout, fold_key(rng, 0))
-    for i, (layer, layer_ctx) in enumerate(zip(self.layers, ctx)):
-      x = layer(x, positions, segment_ids=segment_ids, context=context, context_mask=context_mask,
-                context_cache=layer_ctx, rng=fold_key(rng, i + 1))
-    return self.logits(x)
+    x = constrain(x, RESIDUAL)
+    rngs = [fold_key(rng, i + 1) for i in range(self.num_layers)]
+    if context_cache is not None:   # per-layer cross-attention caches: one block at a time
+      for layer, layer_ctx, layer_rng in zip(self.layer_list(), ctx, rngs):
+        x = layer(x, positions, segment_ids=segment_ids, context=context,
+                  context_mask=context_mask, context_cache=layer_ctx, rng=layer_rng)
+    else:
+      x = scan.run_layers(self.layers, x, self.scan_layers, self.remat, positions=positions,
+                          segment_ids=segment_ids, context=context, context_mask=context_mask,
+                          per_layer={'rng': rngs})
+    return constrain(self.logits(constrain(x, RESIDUAL)), ('batch', 'length', 'vocab'))

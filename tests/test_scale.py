@@ -1,0 +1,126 @@
+"""Scan over layers, remat, mixed precision; meshes, resharding and multi-process runs.
+
+The reference for the scanned stack is the unrolled stack (a Python loop over separate blocks);
+multi-device tests run tests/scale_script.py in subprocesses with 8 simulated CPU devices
+(XLA_FLAGS must be set before jax is imported, and this process has imported it already).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from models import build_model, decoder, scan
+
+SCRIPT = os.path.join(os.path.dirname(__file__), 'scale_script.py')
+
+
+def _tokens(cfg, batch=2, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, cfg.data.seq_len), 0, 256)
+
+
+def _loss_and_grads(graphdef, params, tokens):
+  def loss_fn(p):
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(), logits
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+def _close(a, b, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_scanned_init_is_the_stacked_unrolled_init(tiny_config):
+  unrolled = nnx.state(build_model(tiny_config(), nnx.Rngs(0)), nnx.Param)
+  scanned = nnx.state(build_model(tiny_config({'model.scan_layers': True}), nnx.Rngs(0)), nnx.Param)
+  q = scanned['layers']['attn']['q']['kernel']
+  assert q.shape == (2, 64, 4, 16)
+  assert q.get_metadata()['out_sharding'] == ('layers', 'embed', 'heads', 'head_dim')
+  _close(scan.to_scanned(unrolled), scanned, rtol=0, atol=0)
+  back = scan.to_unrolled(scanned)
+  _close(back, unrolled, rtol=0, atol=0)
+  assert back['layers'][1]['attn']['q']['kernel'].get_metadata()['out_sharding'] == (
+      'embed', 'heads', 'head_dim')
+  assert scan.to_unrolled(unrolled) is unrolled and scan.to_scanned(scanned) is scanned
+
+
+@pytest.mark.parametrize('overrides', [{}, {'model.positional': 'learned', 'model.norm': 'layernorm',
+                                            'model.mlp_activation': 'gelu'}])
+def test_scan_equals_unrolled_logits_and_grads(tiny_config, overrides):
+  cfg_u = tiny_config({**overrides, 'model.num_layers': 3})
+  cfg_s = tiny_config({**overrides, 'model.num_layers': 3, 'model.scan_layers': True})
+  gu, pu = nnx.split(build_model(cfg_u, nnx.Rngs(1)), nnx.Param)
+  gs = nnx.graphdef(build_model(cfg_s, nnx.Rngs(0)))
+  tokens = _tokens(cfg_u)
+  (lu, logits_u), grads_u = _loss_and_grads(gu, pu, tokens)
+  (ls, logits_s), grads_s = _loss_and_grads(gs, scan.to_scanned(pu), tokens)
+  np.testing.assert_allclose(logits_s, logits_u, atol=1e-5)
+  assert float(ls) == pytest.approx(float(lu), rel=1e-6)
+  _close(scan.to_unrolled(grads_s), grads_u, atol=1e-6, rtol=1e-4)
+
+
+def _compiled_grads(cfg, tokens):
+  graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+
+  def loss_fn(p):
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  fn = jax.jit(jax.grad(loss_fn))
+  return fn(params), fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize('scanned', [True, False])
+def test_remat_changes_memory_not_results(tiny_config, scanned):
+  base = {'model.num_layers': 4, 'model.scan_layers': scanned, 'data.seq_len': 128}
+  tokens = _tokens(tiny_config(base), batch=4)
+  grads, memory = {}, {}
+  for policy in ('none', 'full', 'save_dots'):
+    grads[policy], memory[policy] = _compiled_grads(tiny_config({**base, 'model.remat': policy}),
+                                                    tokens)
+  for policy in ('full', 'save_dots'):
+    _close(grads[policy], grads['none'], atol=1e-6, rtol=1e-5)
+  assert memory['full'] < memory['none'], memory
+  if scanned:  # the scan's saved activations shrink with what the policy keeps
+    assert memory['full'] < memory['save_dots'] < memory['none'], memory
+
+
+def test_bfloat16_compute_keeps_fp32_params_logits_and_grads(tiny_config):
+  cfg32, cfg16 = tiny_config(), tiny_config({'model.dtype': 'bfloat16'})
+  g32, p32 = nnx.split(build_model(cfg32, nnx.Rngs(0)), nnx.Param)
+  g16, p16 = nnx.split(build_model(cfg16, nnx.Rngs(0)), nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype('float32')}
+  tokens = _tokens(cfg32)
+  (l32, logits32), grads32 = _loss_and_grads(g32, p32, tokens)
+  (l16, logits16), grads16 = _loss_and_grads(g16, p16, tokens)
+  assert logits16.dtype == jnp.float32 and l16.dtype == jnp.float32
+  assert {x.dtype for x in jax.tree.leaves(grads16)} == {jnp.dtype('float32')}
+  assert float(l16) == pytest.approx(float(l32), rel=1e-2)   # bf16 has ~3 significant digits
+  np.testing.assert_allclose(logits16, logits32, atol=5e-2)
+  # Not silently fp32: the bf16 rounding is visible.
+  assert float(jnp.abs(logits16 - logits32).max()) > 1e-5
+
+
+def test_scan_refuses_layers_that_differ(tiny_config, monkeypatch):
+  monkeypatch.setattr(decoder, 'layer_window', lambda cfg, i: 8 if i % 2 else None)
+  with pytest.raises(ValueError, match='model.scan_layers'):
+    build_model(tiny_config({'model.scan_layers': True}), nnx.Rngs(0))
+
+
+def test_scanned_dropout_equals_unrolled_dropout(tiny_config):
+  cfg_u = tiny_config({'model.dropout': 0.3})
+  gu, pu = nnx.split(build_model(cfg_u, nnx.Rngs(0)), nnx.Param)
+  gs = nnx.graphdef(build_model(tiny_config({'model.dropout': 0.3, 'model.scan_layers': True}),
+                                nnx.Rngs(0)))
+  tokens, rng = _tokens(cfg_u), jax.random.key(3)
+  lu = jax.jit(lambda p: nnx.merge(gu, p)(tokens, rng=rng))(pu)
+  ls = jax.jit(lambda p: nnx.merge(gs, p)(tokens, rng=rng))(scan.to_scanned(pu))
+  np.testing.assert_allclose(ls, lu, atol=1e-5)
+  assert float(jnp.abs(lu - nnx.merge(gu, pu)(tokens)).max()) > 1e-3   # dropout did something
