@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import schema
-from training import checkpoint, data, guards, loop, preflight
+from training import checkpoint, data, distributed, guards, loop, preflight
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]. Optional when '
                                           '--workdir holds a run (it then resumes that config).',
@@ -28,6 +28,12 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile and report the train ste
 _DEVICE_MEMORY_GB = flags.DEFINE_float(
     'device_memory_gb', None, 'Memory per device the dry run checks against (default: the '
     "accelerator's limit; on CPU, host RAM / local devices).")
+
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'Multi-process runs: host:port of process 0 (see '
+                                   'training/distributed.py; SLURM is detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process, 0-based.')
 
 
 def resolve_config():
@@ -47,6 +53,7 @@ def main(argv):
   if _DEVICE_MEMORY_GB.value is not None and _DEVICE_MEMORY_GB.value <= 0:
     raise SystemExit(f'error: --device_memory_gb={_DEVICE_MEMORY_GB.value} must be > 0.')
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = resolve_config()
     if _DRY_RUN.value:
       report = preflight.run(config, device_memory_gb=_DEVICE_MEMORY_GB.value)

@@ -235,7 +235,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size <= 0 and size != -1):
       raise ConfigError(f'mesh.{axis}={size!r}: must be a positive integer or -1 (the rest).')
+  _check_rules(config.mesh.rules)
   return config
+
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def _check_rules(rules) -> None:
+  """mesh.rules: (logical name, mesh axis | tuple of mesh axes | None) pairs."""
+  for rule in rules:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f'mesh.rules: {rule!r} is not a (logical name, mesh axes) pair.')
+    name, axes = rule
+    for ax in (axes if isinstance(axes, (tuple, list)) else (axes,)):
+      if ax is not None and ax not in MESH_AXES:
+        raise ConfigError(f'mesh.rules: logical axis {name!r} maps to unknown mesh axis {ax!r}; '
+                          f'mesh axes are {", ".join(MESH_AXES)}.')
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -114,13 +114,82 @@ def test_scan_refuses_layers_that_differ(tiny_config, monkeypatch):
     build_model(tiny_config({'model.scan_layers': True}), nnx.Rngs(0))
 
 
-def test_scanned_dropout_equals_unrolled_dropout(tiny_config):
-  cfg_u = tiny_config({'model.dropout': 0.3})
-  gu, pu = nnx.split(build_model(cfg_u, nnx.Rngs(0)), nnx.Param)
-  gs = nnx.graphdef(build_model(tiny_config({'model.dropout': 0.3, 'model.scan_layers': True}),
-                                nnx.Rngs(0)))
-  tokens, rng = _tokens(cfg_u), jax.random.key(3)
-  lu = jax.jit(lambda p: nnx.merge(gu, p)(tokens, rng=rng))(pu)
-  ls = jax.jit(lambda p: nnx.merge(gs, p)(tokens, rng=rng))(scan.to_scanned(pu))
-  np.testing.assert_allclose(ls, lu, atol=1e-5)
-  assert float(jnp.abs(lu - nnx.merge(gu, pu)(tokens)).max()) > 1e-3   # dropout did something
+def _script(*args, devices=8, timeout=900):
+  env = dict(os.environ, LMX_NO_REEXEC='1')
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, SCRIPT, args[0], str(devices), *args[1:]], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_meshes_give_equal_losses_and_really_shard():
+  runs = _script('meshes')
+  ref = runs['1']['losses']
+  for name, run in runs.items():
+    np.testing.assert_allclose(run['losses'], ref, rtol=2e-6, err_msg=name)
+  # Shards, not copies: fsdp=8 splits 'embed' 8 ways (parameters and Adam moments alike).
+  fsdp = runs['fsdp8']
+  assert fsdp['up'] == {'spec': "P('fsdp', 'tensor')", 'shape': [64, 128], 'shard': [8, 128],
+                        'devices': 8}
+  assert fsdp['adam_mu_up']['shard'] == [8, 128] and fsdp['embedding']['shard'] == [384, 8]
+  assert runs['data8']['up']['shard'] == [64, 128]    # pure data parallel: replicated
+  mixed = runs['d2f2t2']
+  assert mixed['up']['shard'] == [32, 64] and mixed['q']['shard'] == [32, 2, 16]
+  assert mixed['embedding']['shard'] == [192, 32]
+  assert runs['d2f2t2_scan']['up']['shard'] == [2, 32, 64]  # the layer axis stays whole
+
+
+def test_mesh_and_batch_errors_name_the_fields(tiny_config):
+  from configs.schema import ConfigError
+  from training import mesh as mesh_lib
+  cfg = tiny_config({'mesh.data': 3, 'mesh.fsdp': 2})
+  with pytest.raises(ConfigError, match=r'data\*fsdp\*tensor = 6 .* 8 devices'):
+    mesh_lib.mesh_shape(cfg.mesh, 8)
+  with pytest.raises(ConfigError, match='8 is not divisible by 3'):
+    mesh_lib.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.fsdp': 3}).mesh, 8)
+  assert mesh_lib.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.tensor': 2}).mesh, 8) == (4, 1, 2)
+  with pytest.raises(ConfigError, match=r'train.batch_size=4 .* data\*fsdp=8'):
+    mesh_lib.check_batch(tiny_config(), (8, 1, 1))
+  with pytest.raises(ConfigError, match=r'micro-batches of 2 rows .* data\*fsdp=4'):
+    mesh_lib.check_batch(tiny_config({'train.grad_accum_steps': 2}), (2, 2, 1))
+  mesh_lib.check_batch(tiny_config(), (2, 2, 2))
+  bad_rules = tiny_config({'mesh.rules': (('embed', 'fsdp'), ('mlp', 'model'))})
+  with pytest.raises(ConfigError, match="'mlp' maps to unknown mesh axis 'model'"):
+    mesh_lib.rules_of(bad_rules.mesh)
+
+
+def test_distributed_settings_from_flags_env_and_slurm(monkeypatch):
+  from configs.schema import ConfigError
+  from training import distributed
+  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_JOB_ID',
+              'SLURM_NTASKS'):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.settings() is None
+  assert distributed.settings('h:1', 2, 1) == {'coordinator_address': 'h:1', 'num_processes': 2,
+                                              'process_id': 1}
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:99')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert distributed.settings()['process_id'] == 3
+  assert distributed.settings(process_id=0)['process_id'] == 0   # flags win
+  with pytest.raises(ConfigError, match='need 0 <= process_id < num_processes'):
+    distributed.settings(process_id=4)
+  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(var)
+  with pytest.raises(ConfigError, match='--num_processes, --process_id missing'):
+    distributed.settings('h:1')
+  with pytest.raises(ConfigError, match='must be host:port'):
+    distributed.settings('localhost', 2, 0)
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_NTASKS', '1')
+  assert distributed.settings() is None
+  monkeypatch.setenv('SLURM_NTASKS', '16')
+  assert distributed.settings() == {}   # jax.distributed detects SLURM by itself
+
+
+def test_validation_rejects_rules_with_unknown_mesh_axes(tiny_config):
+  from configs import schema
+  with pytest.raises(schema.ConfigError, match="'heads' maps to unknown mesh axis 'model'"):
+    schema.validate(tiny_config({'mesh.rules': (('heads', ('tensor', 'model')),)}))

@@ -116,6 +116,8 @@ def setup(config, devices=None) -> Setup:
   """Builds the mesh, the abstract (sharded) train state and the jitted steps; compiles nothing."""
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = mesh_lib.rules_of(config.mesh)
+  mesh_lib.check_batch(config, tuple(mesh.shape.values()), jax.process_count())
+  in_mesh = functools.partial(mesh_lib.under_rules, mesh=mesh, rules=rules)
   tx = optim.make_optimizer(config.train)
 
   def create_state():
@@ -131,13 +133,13 @@ def setup(config, devices=None) -> Setup:
                           abstract, shardings)
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   step_fn = guards.skip_nonfinite(make_train_step(graphdef, tx, config.train.grad_accum_steps))
-  train_step = jax.jit(step_fn,
+  train_step = jax.jit(in_mesh(step_fn),
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], batch_sh),
-                      out_shardings=rep)
+  eval_step = jax.jit(in_mesh(make_eval_step(graphdef)),
+                      in_shardings=(shardings['params'], batch_sh), out_shardings=rep)
   return Setup(config, mesh, graphdef, abstract, shardings,
-               jax.jit(create_state, out_shardings=shardings), train_step, eval_step,
+               jax.jit(in_mesh(create_state), out_shardings=shardings), train_step, eval_step,
                optim.learning_rate_schedule(config.train))
 
 

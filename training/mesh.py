@@ -5,7 +5,9 @@ those to mesh axes ('data', 'fsdp', 'tensor'). Batches are split over data x fsd
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import jax
 import numpy as np
@@ -39,6 +41,29 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   shape = mesh_shape(mesh_cfg, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def check_batch(config, sizes: tuple[int, ...], process_count: int = 1) -> None:
+  """Each (micro-)batch splits evenly over the data x fsdp devices and over the processes."""
+  t, rows = config.train, sizes[AXES.index('data')] * sizes[AXES.index('fsdp')]
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % rows:
+    raise ConfigError(f'train.batch_size={t.batch_size} (micro-batches of {micro} rows with '
+                      f'train.grad_accum_steps={t.grad_accum_steps}) must be divisible by mesh '
+                      f'data*fsdp={rows} (data={sizes[0]}, fsdp={sizes[1]}).')
+  if t.batch_size % process_count:
+    raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by the number of '
+                      f'processes ({process_count}).')
+
+
+def under_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """`fn` traced with `mesh` and logical `rules` active, so that the models' activation
+  constraints (models/sharding.py) resolve. Wrap the function that `jax.jit` traces."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def rules_of(mesh_cfg) -> tuple:
