@@ -102,11 +102,25 @@ def reshard(workdir: str) -> dict:
   for n, mesh in ((1, MESHES['1'][1]), (2, dict(data=1, fsdp=2, tensor=1))):
     s = loop.setup(config(mesh), devices=jax.devices()[:n])
     restored = ckpt_lib.Checkpointer(workdir, read_only=True).restore(s.abstract_state)
-    kernel = restored['params']['layers'][0]['mlp']['up']['kernel'][...]
-    _, losses = run_steps(s, restored, batches(cfg8)[2:])
-    out[f'devices{n}'] = {'loss': losses[0], 'step': int(restored['step']),
-                          'up': describe(kernel)}
+    info = {'step': int(restored['step']),
+            'up': describe(restored['params']['layers'][0]['mlp']['up']['kernel'][...])}
+    _, losses = run_steps(s, restored, batches(cfg8)[2:])   # donates `restored`
+    out[f'devices{n}'] = {'loss': losses[0], **info}
   return out
+
+
+def own_rows(cfg) -> bool:
+  """Whether this process's first batch is its share (rows i::n) of the one-process batch."""
+  from training import data as data_lib
+  from training.tokenizer import make_tokenizer
+  tokens = data_lib.load_corpus(cfg.data, make_tokenizer(cfg.data.tokenizer)).train
+  args = (tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+  whole = next(iter(data_lib.train_dataset(*args)))
+  mine = next(iter(data_lib.train_dataset(*args, process_index=jax.process_index(),
+                                          process_count=jax.process_count())))
+  n, i = jax.process_count(), jax.process_index()
+  return all(np.array_equal(mine[k], whole[k][i::n]) for k in whole) and (
+      len(mine['inputs']) == cfg.train.batch_size // n)
 
 
 def train(workdir: str, flags: list) -> dict:
@@ -119,7 +133,8 @@ def train(workdir: str, flags: list) -> dict:
       'data.corpus': 'files', 'data.files': os.path.join(os.path.dirname(loop.__file__), '*.py')})
   result = loop.train(cfg, workdir)
   out = {'processes': jax.process_count(), 'devices': jax.device_count(),
-         'local_devices': jax.local_device_count(), 'eval_loss': result['eval_loss']}
+         'local_devices': jax.local_device_count(), 'eval_loss': result['eval_loss'],
+         'own_rows': own_rows(cfg)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       out['losses'] = [r['loss'] for r in map(json.loads, f) if 'loss' in r]

@@ -193,3 +193,73 @@ def test_validation_rejects_rules_with_unknown_mesh_axes(tiny_config):
   from configs import schema
   with pytest.raises(schema.ConfigError, match="'heads' maps to unknown mesh axis 'model'"):
     schema.validate(tiny_config({'mesh.rules': (('heads', ('tensor', 'model')),)}))
+
+
+@pytest.mark.slow
+def test_restore_onto_a_different_mesh_continues_identically(tmp_path):
+  out = _script('reshard', str(tmp_path))
+  for n in (1, 2):
+    run = out[f'devices{n}']
+    assert run['step'] == 2 and run['up']['devices'] == n
+    assert run['loss'] == pytest.approx(out['fsdp8'], rel=1e-6, abs=1e-6)
+  assert out['devices2']['up']['shard'] == [32, 128]   # re-sharded over fsdp=2, not replicated
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  env = dict(os.environ, LMX_NO_REEXEC='1')
+  env.pop('XLA_FLAGS', None)
+  flags = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
+  procs = [subprocess.Popen([sys.executable, SCRIPT, 'train', '2', str(tmp_path / 'two'), *flags,
+                             f'--process_id={i}'], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  one = _script('train', str(tmp_path / 'one'), devices=4)
+  assert [o['processes'] for o in outs] == [2, 2] and outs[0]['local_devices'] == 2
+  assert all(o['own_rows'] for o in outs + [one])    # each process loads only its rows
+  np.testing.assert_allclose(outs[0]['losses'], one['losses'], rtol=2e-6)
+  assert outs[0]['eval_loss'] == pytest.approx(one['eval_loss'], rel=2e-6)
+  steps = sorted(os.listdir(tmp_path / 'two' / 'checkpoints'))
+  assert [s for s in steps if s.isdigit()] == ['2', '3']   # both processes took part in saving
+
+
+def _num_params(cfg) -> int:
+  model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_gpt2_and_1b_configs_have_the_published_sizes():
+  from configs import gpt2, llm1b, schema
+  # GPT-2 small has 124,439,808 parameters (vocab 50257); padding the vocabulary to 50304
+  # adds 47 rows of 768.
+  assert _num_params(schema.validate(gpt2.get_config())) == 124_439_808 + 47 * 768
+  c = schema.validate(llm1b.get_config()).model
+  kv = c.num_kv_heads * c.head_dim
+  per_layer = 2 * c.d_model + 2 * c.d_model ** 2 + 2 * c.d_model * kv + 3 * c.d_model * c.mlp_dim
+  assert _num_params(llm1b.get_config()) == (c.vocab_size * c.d_model + c.num_layers * per_layer
+                                             + c.d_model)
+  assert 1.0e9 < _num_params(llm1b.get_config()) < 1.2e9
+
+
+@pytest.mark.parametrize('name', ['gpt2', 'llm1b'])
+def test_smoke_variants_train_a_step(name):
+  import importlib
+
+  from training import loop
+  cfg = importlib.import_module(f'configs.{name}').get_config('smoke')
+  s = loop.setup(cfg)
+  tokens = np.asarray(_tokens(cfg, batch=cfg.train.batch_size)) % 256
+  batch = {'inputs': tokens, 'targets': tokens, 'weights': np.ones(tokens.shape, np.float32)}
+  state, metrics = s.train_step(s.init_state(), batch)
+  assert np.isfinite(float(metrics['loss'])) and int(state['step']) == 1
