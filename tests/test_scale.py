@@ -263,3 +263,20 @@ def test_smoke_variants_train_a_step(name):
   batch = {'inputs': tokens, 'targets': tokens, 'weights': np.ones(tokens.shape, np.float32)}
   state, metrics = s.train_step(s.init_state(), batch)
   assert np.isfinite(float(metrics['loss'])) and int(state['step']) == 1
+
+
+def test_kv_cache_decoding_of_a_scanned_model_equals_its_full_forward(tiny_config):
+  from tests.test_sampler import ATOL, cached_logits, split_model
+  graphdef, params = split_model(tiny_config({'model.scan_layers': True}))
+  lengths, n = (5, 9), 6
+  seqs = np.random.RandomState(0).randint(0, 256, (2, 9 + n)).astype(np.int32)
+  full = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, seqs))
+  tokens, new = np.zeros((2, 9), np.int32), np.zeros((2, n), np.int32)
+  for row, length in enumerate(lengths):
+    tokens[row, 9 - length:] = seqs[row, :length]
+    new[row] = seqs[row, length:length + n]
+  first, steps = cached_logits(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               jnp.asarray(new), 32)
+  for row, length in enumerate(lengths):
+    np.testing.assert_allclose(first[row], full[row, length - 1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(steps[row], full[row, length:length + n], atol=ATOL, rtol=0)
