@@ -280,3 +280,16 @@ def test_kv_cache_decoding_of_a_scanned_model_equals_its_full_forward(tiny_confi
   for row, length in enumerate(lengths):
     np.testing.assert_allclose(first[row], full[row, length - 1], atol=ATOL, rtol=0)
     np.testing.assert_allclose(steps[row], full[row, length:length + n], atol=ATOL, rtol=0)
+
+
+def test_encoder_decoder_with_scanned_decoder_layers_computes_the_same(tiny_config):
+  from configs import encdec, schema
+  logits = {}
+  for scanned in (False, True):
+    cfg = schema.validate(schema.apply_overrides(encdec.get_config('addition,tiny'), {
+        'model.scan_layers': scanned, 'model.remat': 'full' if scanned else 'none'}))
+    graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+    src = jax.random.randint(jax.random.key(0), (2, 12), 3, 20)
+    tgt = jax.random.randint(jax.random.key(1), (2, 7), 3, 20)
+    logits[scanned] = jax.jit(lambda p: nnx.merge(graphdef, p)(src, tgt))(params)
+  np.testing.assert_allclose(logits[True], logits[False], atol=1e-5)
