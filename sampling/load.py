@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from configs import schema
+from models import scan
 from training import checkpoint as ckpt_lib
 from training import loop
 from training.tokenizer import Tokenizer, make_tokenizer
@@ -30,5 +32,9 @@ def load_workdir(workdir: str) -> Loaded:
     raise ckpt_lib.WorkdirError(f'--workdir={workdir}: no checkpoint to sample from yet.')
   s = loop.setup(config)
   state = checkpointer.restore(s.abstract_state)
-  return Loaded(config, s.graphdef, state['params'], make_tokenizer(config.data.tokenizer),
+  params, graphdef = state['params'], s.graphdef
+  if config.model.scan_layers:  # per-layer KV caches and exported names want unrolled layers
+    config = schema.apply_overrides(config, {'model.scan_layers': False})
+    params, graphdef = scan.to_unrolled(params), loop.setup(config).graphdef
+  return Loaded(config, graphdef, params, make_tokenizer(config.data.tokenizer),
                 checkpointer.restored_step)

@@ -293,3 +293,26 @@ def test_encoder_decoder_with_scanned_decoder_layers_computes_the_same(tiny_conf
     tgt = jax.random.randint(jax.random.key(1), (2, 7), 3, 20)
     logits[scanned] = jax.jit(lambda p: nnx.merge(graphdef, p)(src, tgt))(params)
   np.testing.assert_allclose(logits[True], logits[False], atol=1e-5)
+
+
+def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp_path):
+  from interop.convert import export_hf
+  from interop.hf_params import SafetensorsFolder
+  from sampling.load import load_workdir
+  from training import checkpoint as ckpt_lib
+  from training import loop
+  cfg = tiny_config({'model.scan_layers': True})
+  s = loop.setup(cfg)
+  state = s.init_state()
+  tokens = _tokens(cfg)
+  want = np.asarray(nnx.merge(s.graphdef, state['params'])(tokens))
+  ckpt_lib.write_config(str(tmp_path / 'wd'), cfg)
+  saver = ckpt_lib.Checkpointer(str(tmp_path / 'wd'))
+  saver.save(0, state)
+  saver.close()
+  loaded = load_workdir(str(tmp_path / 'wd'))
+  assert not loaded.config.model.scan_layers and not scan.is_scanned(loaded.params)
+  np.testing.assert_allclose(nnx.merge(loaded.graphdef, loaded.params)(tokens), want, atol=1e-5)
+  export_hf(str(tmp_path / 'wd'), str(tmp_path / 'hf'))
+  names = set(SafetensorsFolder(str(tmp_path / 'hf')).entries)
+  assert {f'model.layers.{i}.mlp.up_proj.weight' for i in range(2)} <= names
