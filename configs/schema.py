@@ -174,6 +174,10 @@ def _check_window_pattern(m) -> None:
   if 'L' in p and m.sliding_window is None:
     raise ConfigError(f'model.window_pattern={p!r} has local layers but model.sliding_window is '
                       'None; set model.sliding_window.')
+  if m.scan_layers and set(p) == {'L', 'G'}:
+    raise ConfigError(f'model.window_pattern={p!r} mixes local and global layers, but '
+                      'model.scan_layers=True runs one identical layer under lax.scan; set '
+                      'model.scan_layers=False (or a pattern of one kind).')
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

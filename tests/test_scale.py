@@ -316,3 +316,12 @@ def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp
   export_hf(str(tmp_path / 'wd'), str(tmp_path / 'hf'))
   names = set(SafetensorsFolder(str(tmp_path / 'hf')).entries)
   assert {f'model.layers.{i}.mlp.up_proj.weight' for i in range(2)} <= names
+
+
+def test_scan_with_mixed_window_pattern_is_a_config_error(tiny_config):
+  from configs import schema
+  with pytest.raises(schema.ConfigError, match='model.scan_layers=True'):
+    schema.validate(tiny_config({'model.scan_layers': True, 'model.sliding_window': 8,
+                                 'model.window_pattern': 'LG'}))
+  schema.validate(tiny_config({'model.scan_layers': True, 'model.sliding_window': 8,
+                               'model.window_pattern': 'LL'}))
