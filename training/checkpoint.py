@@ -13,6 +13,7 @@ import sys
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from configs import schema
 from training import integrity
@@ -82,6 +83,15 @@ def check_param_shapes(abstract_params, saved_params) -> None:
                          'model.')
 
 
+def _write_manifest_once(step_dir: str) -> None:
+  """Process 0 writes the manifest of the shared step directory; in multi-process runs the
+  others wait for it, so that every process then sees the same sealed steps."""
+  if jax.process_index() == 0:
+    integrity.write_manifest(step_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'lmx: manifest of {step_dir}')
+
+
 class Checkpointer:
   """Keeps the last `keep` checksummed checkpoints of {state, data iterator} under
   WORKDIR/checkpoints (pruning is done here, not by orbax, so that the last good step is never
@@ -129,7 +139,7 @@ class Checkpointer:
     if self._unsealed is None:
       return
     self.manager.wait_until_finished()
-    integrity.write_manifest(self.step_dir(self._unsealed))
+    _write_manifest_once(self.step_dir(self._unsealed))
     self._unsealed = None
     sealed = [s for s in self.manager.all_steps() if integrity.has_manifest(self.step_dir(s))]
     if len(sealed) > self.keep:
@@ -163,7 +173,7 @@ class Checkpointer:
         continue
       self.restored_step = s
       if not self.read_only and not integrity.has_manifest(self.step_dir(s)):
-        integrity.write_manifest(self.step_dir(s))  # committed before a kill: seal it now
+        _write_manifest_once(self.step_dir(s))  # committed before a kill: seal it now
       for bad, why in problems:
         note = f'checkpoint {bad} is unusable ({why})'
         if not self.read_only:
