@@ -325,3 +325,15 @@ def test_scan_with_mixed_window_pattern_is_a_config_error(tiny_config):
                                  'model.window_pattern': 'LG'}))
   schema.validate(tiny_config({'model.scan_layers': True, 'model.sliding_window': 8,
                                'model.window_pattern': 'LL'}))
+
+
+def test_scanned_dropout_equals_unrolled_dropout(tiny_config):
+  cfg_u = tiny_config({'model.dropout': 0.3})
+  gu, pu = nnx.split(build_model(cfg_u, nnx.Rngs(0)), nnx.Param)
+  gs = nnx.graphdef(build_model(tiny_config({'model.dropout': 0.3, 'model.scan_layers': True}),
+                                nnx.Rngs(0)))
+  tokens, rng = _tokens(cfg_u), jax.random.key(3)
+  lu = jax.jit(lambda p: nnx.merge(gu, p)(tokens, rng=rng))(pu)
+  ls = jax.jit(lambda p: nnx.merge(gs, p)(tokens, rng=rng))(scan.to_scanned(pu))
+  np.testing.assert_allclose(ls, lu, atol=1e-5)
+  assert float(jnp.abs(lu - nnx.merge(gu, pu)(tokens)).max()) > 1e-3   # dropout did something
