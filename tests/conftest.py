@@ -1,5 +1,6 @@
 """Shared test set-up: the repository root on sys.path, small deterministic configs."""
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -21,3 +22,9 @@ from configs import default, schema  # noqa: E402
 def tiny_config():
   """The tiny decoder config, with overrides: tiny_config({'model.num_kv_heads': 1})."""
   return lambda overrides=None: schema.apply_overrides(default.get_config('tiny'), overrides or {})
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
+  """`python ARGS...` run in the repository root: the CompletedProcess, with text stdout/stderr."""
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)

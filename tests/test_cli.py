@@ -1,16 +1,9 @@
 """The README's workflow through the real CLIs: train, rerun (resume), sample."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-
-def run(*args):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+from tests.conftest import run_cli as run
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 invariance, span corruption inverted by hand, synthetic answers computed by Python."""
 import itertools
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ from training import seq2seq_data, span_corruption
 from training.data import DataError
 from training.tokenizer import ByteTokenizer
 
-from tests.conftest import ROOT
+from tests import conftest
 
 ARCHS = ['modern', 'paper']
 
@@ -271,8 +269,7 @@ def test_narrow_beam_stops_early_and_keeps_its_best():
 # --- CLIs -----------------------------------------------------------------------------------
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  return conftest.run_cli(*args, timeout=600)
 
 
 @pytest.mark.slow

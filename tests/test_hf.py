@@ -8,8 +8,6 @@ generation token for token, export -> reload -> the same logits, tokenizer ids.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
@@ -36,8 +34,7 @@ from sampling.sampler import Sampler  # noqa: E402
 from models import layers, positional  # noqa: E402
 from training import loop  # noqa: E402
 from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_cli  # noqa: E402
 ATOL = 1e-4
 WINDOW = 8
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -357,9 +354,7 @@ def test_import_refuses_a_used_workdir(hf, tmp_path):
 
 
 def _run(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return run_cli(*args, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
 def test_cli_reports_bad_input(hf, tmp_path):
