@@ -157,9 +157,17 @@ def visible_tiles(spec: Spec, aux, batch, tp, sp):
     vis &= (hi_dist >= -spec.window[1]) & (lo_dist <= spec.window[0])
     full &= (lo_dist >= -spec.window[1]) & (hi_dist <= spec.window[0])
   if aux['q_seg'] is not None:
+    # Id ranges of the non-zero ids, and whether a tile holds id 0 (padding): exact for packed
+    # rows (ascending ids, then zeros), conservative for any other layout.
+    q_pad, k_pad = aux['q_seg'] == 0, aux['k_seg'] == 0
+    qs_lo, qs_hi, _, _ = _tile_bounds(aux['q_seg'], q_valid & ~q_pad, nq, spec.bq)
+    ks_lo, ks_hi, _, _ = _tile_bounds(aux['k_seg'], k_valid & ~k_pad, nk, spec.bk)
+    q_has_pad = _tile_bounds(aux['q_seg'], q_valid & q_pad, nq, spec.bq)[2]
+    k_has_pad = _tile_bounds(aux['k_seg'], k_valid & k_pad, nk, spec.bk)[2]
+    vis &= (((qs_lo[:, :, None] <= ks_hi[:, None, :]) & (ks_lo[:, None, :] <= qs_hi[:, :, None]))
+            | (q_has_pad[:, :, None] & k_has_pad[:, None, :]))
     qs_lo, qs_hi, _, _ = _tile_bounds(aux['q_seg'], q_valid, nq, spec.bq)
     ks_lo, ks_hi, _, _ = _tile_bounds(aux['k_seg'], k_valid, nk, spec.bk)
-    vis &= (qs_lo[:, :, None] <= ks_hi[:, None, :]) & (ks_lo[:, None, :] <= qs_hi[:, :, None])
     full &= ((qs_lo == qs_hi)[:, :, None] & (ks_lo == ks_hi)[:, None, :]
              & (qs_lo[:, :, None] == ks_lo[:, None, :]))
   if aux['mask'] is not None:

@@ -91,9 +91,12 @@ class DecoderLM(nnx.Module):
                cache: list[kv_cache.LayerCache] | None = None,
                cache_index: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
                context_mask: jnp.ndarray | None = None,
+               context_segment_ids: jnp.ndarray | None = None,
                context_cache: list[kv_cache.LayerCache] | None = None,
                rng: jax.Array | None = None):
-    """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1.
+    """tokens, positions, segment_ids: [B, T]. Positions default to 0..T-1. Packed rows
+    (training/packing.py) give segment_ids (no attention across them) and positions that
+    restart at each segment; context_segment_ids [B, S] then masks the cross attention.
 
     With `cache` (from `init_cache`) returns (logits, updated cache): cache_index None
     prefills the empty cache with the prompt, else tokens are decoded at slot cache_index;
@@ -120,9 +123,10 @@ class DecoderLM(nnx.Module):
     if context_cache is not None:   # per-layer cross-attention caches: one block at a time
       for layer, layer_ctx, layer_rng in zip(self.layer_list(), ctx, rngs):
         x = layer(x, positions, segment_ids=segment_ids, context=context,
-                  context_mask=context_mask, context_cache=layer_ctx, rng=layer_rng)
+                  context_mask=context_mask, context_segment_ids=context_segment_ids,
+                  context_cache=layer_ctx, rng=layer_rng)
     else:
       x = scan.run_layers(self.layers, x, self.scan_layers, self.remat, positions=positions,
                           segment_ids=segment_ids, context=context, context_mask=context_mask,
-                          per_layer={'rng': rngs})
+                          context_segment_ids=context_segment_ids, per_layer={'rng': rngs})
     return constrain(self.logits(constrain(x, RESIDUAL)), ('batch', 'length', 'vocab'))

@@ -180,9 +180,16 @@ class Attention(nnx.Module):
       pos = jnp.where(context_mask, pos, -1)
     return kv_cache.LayerCache(self.k(context), self.v(context), pos)
 
-  def attend_context(self, x: jnp.ndarray, cache: kv_cache.LayerCache) -> jnp.ndarray:
-    """Cross attention of x [B, T, D] over a `context_cache` (no positions, no causality)."""
+  def attend_context(self, x: jnp.ndarray, cache: kv_cache.LayerCache, *, segment_ids=None,
+                     context_segment_ids=None) -> jnp.ndarray:
+    """Cross attention of x [B, T, D] over a `context_cache` (no positions, no causality).
+    segment_ids [B, T] with context_segment_ids [B, S] (packed pairs): attend within equal ids."""
+    if (segment_ids is None) != (context_segment_ids is None):
+      raise ValueError('cross attention of packed pairs needs both segment_ids (targets) and '
+                       'context_segment_ids (sources), or neither.')
     out = dot_product_attention(self.q(x), cache.k, cache.v, mask=(cache.pos >= 0)[:, None, None],
+                                query_segment_ids=segment_ids,
+                                key_segment_ids=context_segment_ids,
                                 implementation=self.implementation, block_q=self.block_q,
                                 block_kv=self.block_kv)
     return self.o(out)
@@ -239,10 +246,11 @@ class Block(nnx.Module):
     return x + drop(norm(x)) if self.pre_norm else norm(x + drop(x))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
-               mask=None, context=None, context_mask=None, cache=None, cache_index=None,
-               context_cache=None, rng=None):
+               mask=None, context=None, context_mask=None, context_segment_ids=None, cache=None,
+               cache_index=None, context_cache=None, rng=None):
     """x: [B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross attention, or
     context_cache: its keys and values, precomputed by `cross_attn.context_cache`.
+    segment_ids [B, T] (and context_segment_ids [B, S]): packed sequences, see Attention.
     rng: training key for dropout on each sublayer's output (None: no dropout).
 
     With a self-attention `cache` (see `Attention.cached`) returns (x, updated cache).
@@ -259,7 +267,10 @@ class Block(nnx.Module):
       if context_cache is None:
         context_cache = self.cross_attn.context_cache(context, context_mask)
       x = self._residual(x, self.cross_norm,
-                         lambda h: self.cross_attn.attend_context(h, context_cache),
+                         lambda h: self.cross_attn.attend_context(
+                             h, context_cache, segment_ids=segment_ids if
+                             context_segment_ids is not None else None,
+                             context_segment_ids=context_segment_ids),
                          fold_key(rng, 1))
     x = self._residual(x, self.mlp_norm, self.mlp, fold_key(rng, 2))
     return x if cache is None else (x, new_cache[0])

@@ -277,6 +277,79 @@ def test_band_and_visible_tiles_skip_masked_tiles():
   assert full_band == t // bk
 
 
+def _packed_ids(rng, b, length, sizes):
+  """[B, L] segment ids 1, 2, ... of the given sizes per row, 0 (padding) after."""
+  rows = []
+  for _ in range(b):
+    ids = np.repeat(np.arange(1, len(sizes) + 1), rng.permutation(sizes))[:length]
+    rows.append(np.pad(ids, (0, length - ids.size)))
+  return np.stack(rows).astype(np.int32)
+
+
+def test_packed_segments_blockwise_and_xla_equal_reference_fwd_and_grads():
+  """Packed rows: self attention (causal, positions restarting per segment) and cross attention
+  (T != S, query and key segment ids differ; a query segment missing among the keys sees
+  nothing). 'blockwise' (tiles of 4 x 8) and 'xla' == jax.nn.dot_product_attention with the
+  explicit mask built in numpy, forward and grads of q, k, v and bias."""
+  rng = np.random.default_rng(3)
+  b, t, s, n, k, h = 2, 23, 31, 4, 2, 8
+  q_seg = _packed_ids(rng, b, t, [7, 5, 6, 3])
+  kv_seg = _packed_ids(rng, b, s, [9, 4, 12])      # no segment 4 among the keys
+  pos = np.stack([np.concatenate([np.arange((r == i).sum()) for i in np.unique(r)]) for r in q_seg])
+  self_mask = (q_seg[:, :, None] == q_seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
+  cross_mask = q_seg[:, :, None] == kv_seg[:, None, :]
+  q, kk, v = qkv(b, t, s, n, k, h, seed=4)
+  bias = jnp.asarray(rng.normal(size=(1, n, t, s)), jnp.float32)
+  cases = [  # (keys, values, ours kwargs, explicit mask [B, 1, T, S])
+      (kk[:, :t], v[:, :t], dict(is_causal=True, query_segment_ids=q_seg, key_segment_ids=q_seg,
+                                 query_positions=pos, key_positions=pos), self_mask),
+      (kk, v, dict(query_segment_ids=q_seg, key_segment_ids=kv_seg), cross_mask)]
+
+  def run(q, kk, v, bias):
+    out = []
+    for keys, values, kw, mask in cases:
+      kw = {a: jnp.asarray(x) if isinstance(x, np.ndarray) else x for a, x in kw.items()}
+      m = jnp.asarray(mask[:, None])
+      nonempty = jnp.asarray(mask.any(-1))[:, :, None, None]
+      sb = bias[..., :keys.shape[1]]
+      g = n // k
+
+      def ref(q, kk, vv, bb, m=m, nonempty=nonempty):
+        o = jax.nn.dot_product_attention(q, jnp.repeat(kk, g, 2), jnp.repeat(vv, g, 2), bb, m)
+        return jnp.where(nonempty, o, 0.0)
+      fns = [ref] + [functools.partial(
+          lambda q, kk, vv, bb, impl, kw: dot_product_attention(
+              q, kk, vv, bb, implementation=impl, block_q=4, block_kv=8, **kw), impl=impl, kw=kw)
+          for impl in ('blockwise', 'xla')]
+      arrays = dict(query=q, key=keys, value=values, bias=sb)
+      out.append([fwd_and_grads(f, arrays) for f in fns])
+    return out
+
+  for results in run_fast(run, q, kk, v, bias):
+    (ref_out, ref_grads) = results[0]
+    for out, grads in results[1:]:
+      np.testing.assert_allclose(out, ref_out, atol=FWD_TOL, rtol=0)
+      for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=GRAD_TOL, rtol=0)
+
+
+def test_segment_ids_skip_tiles_of_other_segments():
+  """The tile table from segment ids: a tile is skipped exactly when no (query, key) pair in it
+  shares a segment, and needs no mask exactly when every pair does (numpy, from the definition)."""
+  rng = np.random.default_rng(5)
+  t, bq, bk = 48, 4, 8
+  seg = _packed_ids(rng, 1, t, [13, 9, 20, 4])
+  spec = blockwise.Spec(scale=1.0, causal=False, window=None, t=t, s=t, bq=bq, bk=bk,
+                        groups=1, starts=(0,) * (t // bq), band=t // bk)
+  aux = dict(kv_limit=None, q_len=None, q_pos=None, k_pos=None, q_seg=jnp.asarray(seg),
+             k_seg=jnp.asarray(seg), mask=None)
+  kind = np.asarray(blockwise.visible_tiles(spec, aux, 1, t, t))
+  pair = (seg[0][:, None] == seg[0][None]).reshape(t // bq, bq, t // bk, bk)
+  np.testing.assert_array_equal(kind > 0, pair.any((1, 3)))
+  np.testing.assert_array_equal(kind == 2, pair.all((1, 3)))
+  assert (kind == 0).sum() > kind.size // 3
+
+
 def test_memory_is_linear_in_length():
   """Compiled fwd+grad temp memory: blockwise stays below one [T, S] fp32 score array, while the
   reference needs several."""

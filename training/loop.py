@@ -38,6 +38,9 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarra
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+PACKING_KEYS = ('segment_ids', 'positions', 'source_segment_ids', 'source_positions')
+
+
 def model_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None):
   """(sum of losses, sum of weights) of a batch; encoder-decoder batches carry 'sources'.
 
@@ -45,6 +48,8 @@ def model_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None):
   `uses_rng` attribute is true, e.g. dropout); None at evaluation.
   """
   kwargs = {'rng': rng} if rng is not None and getattr(model, 'uses_rng', False) else {}
+  # Packed rows (training/packing.py) carry segment ids and per-document positions.
+  kwargs.update({k: batch[k] for k in PACKING_KEYS if k in batch})
   if 'sources' in batch:
     logits = model(batch['sources'], batch['inputs'], **kwargs)
   else:
