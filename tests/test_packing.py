@@ -103,6 +103,42 @@ def test_fixed_batches_pad_with_weightless_rows():
   assert batches[-1]['weights'][len(rows) % 4:].sum() == 0
 
 
+def test_train_stream_shards_documents_and_eval_set_is_fixed():
+  docs = unique_docs(np.random.default_rng(2).integers(1, 30, size=80))
+  kw = dict(eos_id=EOS, pad_id=PAD, num_bins=4)
+  seen = []
+  for pi in range(2):
+    it = iter(packing.packed_train_dataset(docs, 16, 8, 0, process_index=pi, process_count=2,
+                                           **kw))
+    batches = [next(it) for _ in range(6)]
+    assert all(b['inputs'].shape == (4, 16) for b in batches)
+    tokens = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
+    seen.append({(t - 1) // 100 for t in tokens if t != EOS})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]     # processes read disjoint documents
+  evals = packing.packed_eval_batches(docs, 16, 4, 3, **kw)
+  again = packing.packed_eval_batches(docs, 16, 4, 3, **kw)
+  assert len(evals) == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(evals, again)
+                                 for k in a)
+  all_rows = list(packing.pack_documents(docs, 16, **kw))
+  assert len(all_rows) > 12 and not any(np.array_equal(evals[0]['inputs'][1], r['inputs'])
+                                        for r in all_rows[:2])   # spread, not the first rows
+
+
+def test_padded_examples_pack_like_pairs():
+  from training import seq2seq_data
+  from training.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  rng = np.random.default_rng(4)
+  pairs = [(rng.integers(0, 256, size=rng.integers(0, 6)), rng.integers(0, 256, size=rng.integers(0, 6)))
+           for _ in range(12)]
+  examples = [seq2seq_data.make_example(s, t, 8, 7, tok) for s, t in pairs]
+  got = list(packing.pack_examples(examples, 8, 7, pad_id=tok.pad_id, num_bins=3))
+  want = list(packing.pack_pairs(pairs, 8, 7, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id, num_bins=3))
+  assert len(got) == len(want) and all(np.array_equal(a[k], b[k]) for a, b in zip(got, want)
+                                       for k in a)
+
+
 # ------------------------------------------------------------------------- models
 
 def _close(a, b):

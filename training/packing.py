@@ -23,6 +23,7 @@ upstream position plus the row index, never buffered data).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Sequence
 
 import grain
@@ -99,6 +100,40 @@ def pack_documents(documents, seq_len: int, *, eos_id: int, pad_id: int,
   return _first_fit(ds, lengths, padding, num_bins).map(lambda r: _rename(r, _LM_KEYS))
 
 
+def packed_train_dataset(documents, seq_len: int, batch_size: int, seed: int, *, eos_id: int,
+                         pad_id: int, process_index: int = 0, process_count: int = 1,
+                         num_workers: int = 0,
+                         num_bins: int = DEFAULT_NUM_BINS) -> grain.IterDataset:
+  """Endless batches of packed rows from a random-access sequence of documents (1-D int
+  arrays, no EOS; e.g. the token cache's documents): shuffled by document (reshuffled every
+  epoch), this process's share, [b, T] arrays with b = batch_size / process_count."""
+  ds = grain.MapDataset.source(documents).shuffle(seed=seed).repeat(None)
+  ds = ds[process_index::process_count].to_iter_dataset()
+  rows = pack_documents(ds, seq_len, eos_id=eos_id, pad_id=pad_id, num_bins=num_bins)
+  rows = rows.batch(batch_size // process_count, drop_remainder=True)
+  if num_workers > 0:
+    rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return rows
+
+
+def packed_eval_batches(documents, seq_len: int, batch_size: int, num_batches: int, *,
+                        eos_id: int, pad_id: int, num_bins: int = DEFAULT_NUM_BINS) -> list[dict]:
+  """A fixed held-out set of up to num_batches * batch_size packed rows, spread evenly over the
+  documents (a random-access sequence): documents at a stride are packed until 8x the rows
+  needed exist, then rows are taken evenly from those. Padding rows weigh 0."""
+  want = num_batches * batch_size
+  stride = max(1, len(documents) // max(want, 1))
+  source = grain.MapDataset.source(documents)
+  rows = []
+  for ds in ([source[::stride], source] if stride > 1 else [source]):
+    rows = list(itertools.islice(iter(pack_documents(ds, seq_len, eos_id=eos_id, pad_id=pad_id,
+                                                     num_bins=num_bins)), 8 * want))
+    if len(rows) >= want:
+      break
+  take = np.linspace(0, len(rows) - 1, min(want, len(rows))).astype(np.int64)
+  return fixed_batches([rows[i] for i in take], batch_size)
+
+
 def pair_piece(source: np.ndarray, target: np.ndarray, source_len: int, seq_len: int, *,
                bos_id: int, eos_id: int) -> dict:
   """One (source, target) token pair (no EOS/BOS) -> {sources: source + EOS, inputs: BOS +
@@ -123,6 +158,22 @@ def pack_pairs(pairs, source_len: int, seq_len: int, *, bos_id: int, eos_id: int
   arrays) -> an IterDataset of packed encoder-decoder rows (see the module docstring)."""
   ds = _as_iter_dataset(pairs).map(lambda p: pair_piece(
       p[0], p[1], source_len, seq_len, bos_id=bos_id, eos_id=eos_id))
+  return pack_examples(ds, source_len, seq_len, pad_id=pad_id, num_bins=num_bins)
+
+
+def _unpad(example: dict, pad_id: int) -> dict:
+  """A padded encoder-decoder example (training/seq2seq_data.py `make_example`) -> its piece."""
+  n = int((example['weights'] > 0).sum())
+  s = int((example['sources'] != pad_id).sum())
+  return {'sources': example['sources'][:s], 'inputs': example['inputs'][:n],
+          'targets': example['targets'][:n], 'weights': example['weights'][:n]}
+
+
+def pack_examples(examples, source_len: int, seq_len: int, *, pad_id: int,
+                  num_bins: int = DEFAULT_NUM_BINS) -> grain.IterDataset:
+  """Padded encoder-decoder examples {sources [S], inputs, targets, weights [T]} (real tokens
+  first, then `pad_id` / weight 0) -> an IterDataset of packed encoder-decoder rows."""
+  ds = _as_iter_dataset(examples).map(lambda e: _unpad(e, pad_id))
   lengths = {'sources': int(source_len), **dict.fromkeys(('inputs', 'targets', 'weights'),
                                                          int(seq_len))}
   padding = {'sources': pad_id, 'inputs': pad_id, 'targets': pad_id, 'weights': 0.0}
