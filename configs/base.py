@@ -68,8 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.data = dict(
       corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files'
-      files='',                       # comma-separated paths or globs when corpus='files'
+      files='',                       # comma-separated paths or globs when corpus='files':
+                                      # .jsonl, .jsonl.gz, .parquet, any other file = 1 document
+      text_field='text',              # the text of a .jsonl record / .parquet column
+      skip_bad_records=False,         # True: skip (and count) bad .jsonl/.parquet records
       tokenizer='byte',               # 'byte' or a path to a tokenizer.json
+      cache_dir='~/.cache/lmx/tokens',  # token caches (prepare.py), one folder per content hash
+      prepare_workers=config_dict.placeholder(int),  # tokenizer processes; None: all cores
       seq_len=256,
       eval_percent=2.0,               # share of files (by path hash) held out
       num_workers=0,                  # grain worker processes

@@ -36,7 +36,7 @@ POSITIVE = (
     'data.seq_len', 'train.steps', 'train.batch_size', 'train.grad_accum_steps',
     'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
     'train.keep_checkpoints', 'data.source_len', 'data.synthetic_length',
-    'train.max_nonfinite_steps',
+    'train.max_nonfinite_steps', 'data.prepare_workers',
 )
 NON_NEGATIVE = ('train.warmup_steps', 'train.learning_rate', 'train.weight_decay',
                 'train.grad_clip', 'model.norm_eps', 'data.num_workers')
@@ -225,6 +225,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if d.corpus == 'files' and not d.files.strip():
     raise ConfigError("data.files is empty: give comma-separated paths or globs when "
                       "data.corpus='files'.")
+  for name in ('text_field', 'cache_dir'):
+    if not isinstance(d[name], str) or not d[name].strip():
+      raise ConfigError(f'data.{name}={d[name]!r}: must be a non-empty string.')
   if not 0 < d.eval_percent < 100:
     raise ConfigError(f'data.eval_percent={d.eval_percent}: must be in (0, 100).')
   if t.batch_size % t.grad_accum_steps:

@@ -29,7 +29,7 @@ def test_stdlib_split_is_by_path_hash(tiny_config):
           if int(hashlib.sha1(n.encode()).hexdigest()[:8], 16) % 10_000 < cfg.eval_percent * 100}
   assert {n for n in names if data_lib.is_held_out(n, cfg.eval_percent)} == held
   assert 0.005 < len(held) / len(names) < 0.05
-  corpus = data_lib.load_corpus(cfg, ByteTokenizer())
+  corpus = data_lib.load_corpus(cfg)
   assert corpus.num_files['eval'] == len([n for n in held if os.path.getsize(
       os.path.join(data_lib.stdlib_root(), n))])
   assert corpus.train.size > 100 * corpus.eval.size / 10
@@ -42,17 +42,17 @@ def _files_cfg(tiny_config, files, **kw):
 
 def test_user_files_and_single_file_fallback(tiny_config, tmp_path):
   (tmp_path / 'a.txt').write_text('hello world ' * 200)
-  corpus = data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / '*.txt')), ByteTokenizer())
+  corpus = data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / '*.txt')))
   total = corpus.train.size + corpus.eval.size
   assert total == 2401 and corpus.eval.size >= 65   # one file: the stream's tail is held out
 
 
 def test_missing_and_empty_data_are_clear_errors(tiny_config, tmp_path):
   with pytest.raises(data_lib.DataError, match=r"data.files: '.*nope\*.txt' matches no file"):
-    data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / 'nope*.txt')), ByteTokenizer())
+    data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / 'nope*.txt')))
   (tmp_path / 'empty.txt').write_text('')
   with pytest.raises(data_lib.DataError, match='data.files: the corpus has 0 tokens in 1 file'):
-    data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / 'empty.txt')), ByteTokenizer())
+    data_lib.load_corpus(_files_cfg(tiny_config, str(tmp_path / 'empty.txt')))
 
 
 def test_missing_data_file_cli_error_before_compile(tmp_path):

@@ -188,14 +188,15 @@ def test_pairs_files_jsonl_and_tsv(tmp_path):
   cfg = config('pairs,tiny', {'data.files': f'{jsonl},{tsv}'})
   tok = ByteTokenizer()
   train, held = seq2seq_data.pair_examples(cfg.data, tok)
-  assert len(train) + len(held) == 32 and held
-  got = {(tok.decode(e['sources']), tok.decode(e['targets'])) for e in train + held}
+  assert len(train) + len(held) == 32 and len(held)
+  got = {(tok.decode(e['sources']), tok.decode(e['targets']))
+         for e in [train[i] for i in range(len(train))] + [held[i] for i in range(len(held))]}
   assert ('hello', 'bonjour') in got and ('q7', 'answer 7') in got
 
 
 @pytest.mark.parametrize('name,text,message', [
-    ('empty.jsonl', '\n\n', 'holds no pairs'),
-    ('bad.jsonl', '{"source": "a"}\n', r'bad.jsonl:1: expected an object with string fields'),
+    ('empty.jsonl', '\n\n', 'no pairs in 1 file'),
+    ('bad.jsonl', '{"source": "a"}\n', r"bad.jsonl:1: no field 'target'"),
     ('bad.tsv', 'a\tb\nno tab here\n', r'bad.tsv:2: expected source<TAB>target'),
     ('long.tsv', 'x' * 60 + '\ty\n', r'long.tsv:1: the source is 60 tokens \+ EOS, longer than '
      r'data.source_len=48'),

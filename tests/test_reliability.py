@@ -45,7 +45,7 @@ def _restore(cfg, workdir, step=None):
 # ---------------------------------------------------------------------------- NaN / Inf steps
 
 def _batches(cfg, n):
-  corpus = data_lib.load_corpus(cfg.data, make_tokenizer(cfg.data.tokenizer))
+  corpus = data_lib.load_corpus(cfg.data)
   it = iter(data_lib.train_dataset(corpus.train, cfg.data.seq_len, cfg.train.batch_size,
                                    cfg.train.seed))
   return [next(it) for _ in range(n)]

@@ -1,115 +1,63 @@
 """Corpora, the held-out split, and the grain pipeline that turns a token stream into batches.
 
-The default corpus is this interpreter's standard-library source. Files are split into train and
-held-out by a hash of their path, so the split never changes with the file order or machine.
+The default corpus is this interpreter's standard-library source. Text is tokenized once into
+the token cache (training/token_cache.py; `prepare.py` or the first `train.py` builds it) and
+read back from its memory-mapped shards. Documents are split into train and held-out by a hash
+(of the file name for whole files, of the text for records), so the split never changes with
+the file order or the machine.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import os
-import sysconfig
 
 import grain
 import numpy as np
 
-from training.tokenizer import Tokenizer
-
-
-class DataError(ValueError):
-  """The configured data cannot be used (missing files, empty corpus...)."""
+from training import token_cache
+from training.documents import DataError, corpus_files, stdlib_root  # noqa: F401 (re-exported)
+from training.token_cache import is_held_out  # noqa: F401 (re-exported)
+from training.token_stream import Cache, TokenStream
 
 
 @dataclasses.dataclass
 class Corpus:
-  train: np.ndarray          # int32 token stream, documents separated by EOS
-  eval: np.ndarray
-  num_files: dict
+  train: TokenStream         # the training documents, each followed by EOS
+  eval: TokenStream          # the held-out documents (or the stream's tail, see load_corpus)
+  num_files: dict            # documents a split: {'train': n, 'eval': n}
+  baseline: float            # unigram entropy (nats/token) of `eval`
+  cache: Cache
 
 
-def stdlib_root() -> str:
-  return sysconfig.get_paths()['stdlib']
+def load_corpus(data_cfg, *, progress: bool = True) -> Corpus:
+  """The configured corpus from its token cache (built first when missing). Raises DataError.
 
-
-def corpus_files(data_cfg) -> list[tuple[str, str]]:
-  """[(path on disk, name used for the split hash)], sorted by name."""
-  if data_cfg.corpus == 'stdlib':
-    root = stdlib_root()
-    paths = glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
-    named = [(p, os.path.relpath(p, root)) for p in paths]
-    named = [(p, n) for p, n in named if not n.startswith('site-packages')]
-    if not named:
-      raise DataError(f'data.corpus=stdlib: no .py files under {root}.')
-    return sorted(named, key=lambda x: x[1])
-  named = {}
-  for pattern in (s.strip() for s in data_cfg.files.split(',')):
-    if not pattern:
-      continue
-    matches = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-               if os.path.isfile(p)]
-    if not matches:
-      raise DataError(f'data.files: {pattern!r} matches no file.')
-    named.update({p: p for p in matches})
-  return sorted(named.items(), key=lambda x: x[1])
-
-
-def is_held_out(name: str, eval_percent: float) -> bool:
-  """Deterministic split: the first 8 hex digits of sha1(name) pick a bucket in [0, 100)."""
-  bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 10_000 / 100.0
-  return bucket < eval_percent
-
-
-def _read(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
-
-
-def load_corpus(data_cfg, tokenizer: Tokenizer) -> Corpus:
-  """Reads, tokenizes and splits the configured corpus. Raises DataError on unusable data.
-
-  Cached per process (sweeps and tests train many models on one corpus); the key includes
-  every file's size and modification time.
+  A corpus too small for a by-document split (either side shorter than one window) holds out
+  the last data.eval_percent of its token stream instead.
   """
-  files = corpus_files(data_cfg)
-  stats = tuple((p, n, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p, n in files)
-  key = (stats, data_cfg.eval_percent, data_cfg.seq_len, data_cfg.corpus, tokenizer.name)
-  if key not in _CACHE:
-    _CACHE.clear()  # keep one corpus in memory
-    _CACHE[key] = _load(files, data_cfg, tokenizer)
-  return _CACHE[key]
-
-
-_CACHE: dict = {}
-
-
-def _load(files, data_cfg, tokenizer: Tokenizer) -> Corpus:
-  parts = {'train': [], 'eval': []}
-  for path, name in files:
-    ids = tokenizer.encode(_read(path))
-    if ids.size:
-      split = 'eval' if is_held_out(name, data_cfg.eval_percent) else 'train'
-      parts[split] += [ids, np.asarray([tokenizer.eos_id], np.int32)]
-  streams = {k: np.concatenate(v) if v else np.zeros((0,), np.int32) for k, v in parts.items()}
-  counts = {k: len(v) // 2 for k, v in parts.items()}
+  cache = Cache(token_cache.ensure(data_cfg, progress=progress))
+  train, held = cache.stream('train'), cache.stream('eval')
+  counts = dict(cache.totals['docs'])
   need = data_cfg.seq_len + 1
-  total = streams['train'].size + streams['eval'].size
+  total = train.size + held.size
   if total < 2 * need:
     where = 'data.files' if data_cfg.corpus == 'files' else 'data.corpus'
-    raise DataError(f'{where}: the corpus has {total} tokens in {len(files)} file(s); at least '
-                    f'{2 * need} are needed for data.seq_len={data_cfg.seq_len} (train + held-out).')
-  if streams['train'].size < need or streams['eval'].size < need:
-    # Too few files for a by-file split: hold out the tail of the token stream instead.
-    stream = np.concatenate([streams['train'], streams['eval']])
+    raise DataError(f'{where}: the corpus has {total} tokens in {len(cache.files)} file(s); at '
+                    f'least {2 * need} are needed for data.seq_len={data_cfg.seq_len} (train + '
+                    'held-out).')
+  if train.size < need or held.size < need:
+    stream = train + held
     cut = min(stream.size - need, int(stream.size * (1 - data_cfg.eval_percent / 100)))
-    streams = {'train': stream[:cut], 'eval': stream[cut:]}
-  return Corpus(streams['train'], streams['eval'], counts)
+    train, held = stream.sub(0, cut), stream.sub(cut, stream.size)
+    baseline = entropy_of_counts(held.bincount())
+  else:
+    baseline = entropy_of_counts(cache.eval_unigram_counts())
+  return Corpus(train, held, counts, baseline, cache)
 
 
 class _Windows:
   """Random-access source: window i is tokens[i*T : i*T + T + 1] (inputs + shifted targets)."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens, seq_len: int):
     self.tokens, self.seq_len = tokens, seq_len
 
   def __len__(self) -> int:
@@ -117,7 +65,7 @@ class _Windows:
 
   def __getitem__(self, i: int) -> np.ndarray:
     start = int(i) * self.seq_len
-    return self.tokens[start:start + self.seq_len + 1]
+    return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
 
 
 def _to_example(windows: np.ndarray) -> dict:
@@ -125,11 +73,12 @@ def _to_example(windows: np.ndarray) -> dict:
           'weights': np.ones(windows[:, 1:].shape, np.float32)}
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+def train_dataset(tokens, seq_len: int, batch_size: int, seed: int, *,
                   process_index: int = 0, process_count: int = 1,
                   num_workers: int = 0) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), endless batches of this process's share of rows.
 
+  tokens: an int array or a TokenStream (read window by window; nothing is loaded whole).
   Each yields {'inputs', 'targets': [b, T] int32, 'weights': [b, T] f32}, b = batch/processes.
   Iterate with `iter(...)`; the iterator's state is checkpointed by training/checkpoint.py.
   """
@@ -142,7 +91,7 @@ def train_dataset(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, 
   return ids
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list:
+def eval_batches(tokens, seq_len: int, batch_size: int, num_batches: int) -> list:
   """A fixed held-out set: windows spread evenly over the stream; padding rows get weight 0."""
   windows = _Windows(tokens, seq_len)
   n = min(len(windows), num_batches * batch_size)
@@ -155,8 +104,13 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches:
           for i in range(0, n + pad, batch_size)]
 
 
-def unigram_entropy(tokens: np.ndarray) -> float:
-  """Entropy (nats/token) of the empirical unigram distribution: the no-context baseline."""
-  counts = np.bincount(tokens).astype(np.float64)
+def entropy_of_counts(counts: np.ndarray) -> float:
+  """Entropy (nats/token) of the distribution given by token counts."""
+  counts = np.asarray(counts, np.float64)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+  """Entropy (nats/token) of the empirical unigram distribution: the no-context baseline."""
+  return entropy_of_counts(np.bincount(tokens))

@@ -9,16 +9,14 @@ with EOS and are padded with the tokenizer's pad id (which the model masks out).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import types
 
 import grain
 import numpy as np
 
 from training import data as data_lib
-from training import span_corruption
+from training import span_corruption, token_cache
 from training.data import DataError
+from training.token_stream import Cache
 from training.tokenizer import Tokenizer
 
 ALPHABET = 'abcdefghijklmnopqrstuvwxyz'
@@ -50,62 +48,50 @@ def stack(examples: list[dict]) -> dict:
 
 # --- pairs files ----------------------------------------------------------------------------
 
-def read_pairs(path: str) -> list[tuple[str, str, int]]:
-  """(source, target, line number) from a JSONL ({"source": ..., "target": ...} a line) or a
-  TSV (source<TAB>target a line) file; the format follows the extension (.jsonl/.json: JSONL)."""
-  is_json = path.endswith(('.jsonl', '.json'))
-  pairs = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip('\n')
-      if not line.strip():
-        continue
-      where = f'data.files: {path}:{n}'
-      if is_json:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f'{where}: not valid JSON ({e.msg}).') from None
-        if not isinstance(row, dict) or not isinstance(row.get('source'), str) or not isinstance(
-            row.get('target'), str):
-          raise DataError(f'{where}: expected an object with string fields "source" and '
-                          '"target".')
-        pairs.append((row['source'], row['target'], n))
-      else:
-        parts = line.split('\t')
-        if len(parts) != 2:
-          raise DataError(f'{where}: expected source<TAB>target (one tab); found '
-                          f'{len(parts) - 1} tabs.')
-        pairs.append((parts[0], parts[1], n))
-  if not pairs:
-    raise DataError(f'data.files: {path} holds no pairs (expected JSONL lines {{"source": ..., '
-                    '"target": ...}} or TSV lines source<TAB>target).')
-  return pairs
+class _Pairs:
+  """Random-access examples of the cached (source, target) documents i in [start, stop)."""
+
+  def __init__(self, docs, data_cfg, tok: Tokenizer, start: int = 0, stop: int | None = None):
+    self.src, self.tgt = docs.with_field('source'), docs.with_field('target')
+    self.cfg, self.tok = data_cfg, tok
+    self.start, self.stop = start, len(docs) if stop is None else stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, i: int) -> dict:
+    i = self.start + int(i)
+    return make_example(self.src[i], self.tgt[i], self.cfg.source_len, self.cfg.seq_len, self.tok)
 
 
-def pair_examples(data_cfg, tok: Tokenizer) -> tuple[list[dict], list[dict]]:
-  """(train, held-out) examples of the pairs files; held out by a hash of the source text."""
-  files = data_lib.corpus_files(types.SimpleNamespace(corpus='files', files=data_cfg.files))
-  split = {'train': [], 'eval': []}
-  for path, _ in files:
-    for source, target, n in read_pairs(path):
-      s, t = tok.encode(source), tok.encode(target)
-      if s.size + 1 > data_cfg.source_len:
-        raise DataError(f'data.files: {path}:{n}: the source is {s.size} tokens + EOS, longer '
-                        f'than data.source_len={data_cfg.source_len}; raise data.source_len (at '
-                        'most model.max_len) or shorten the source.')
-      if t.size + 1 > data_cfg.seq_len:
-        raise DataError(f'data.files: {path}:{n}: the target is {t.size} tokens + EOS, longer '
-                        f'than data.seq_len={data_cfg.seq_len}; raise data.seq_len (at most '
-                        'model.max_len) or shorten the target.')
-      ex = make_example(s, t, data_cfg.source_len, data_cfg.seq_len, tok)
-      split['eval' if data_lib.is_held_out(source, data_cfg.eval_percent) else 'train'].append(ex)
-  if not split['eval'] and len(split['train']) > 1:  # too few pairs for the hash split
-    split['eval'].append(split['train'].pop())
-  if not split['train']:
-    raise DataError(f'data.files: {len(split["eval"])} pair(s) in all; at least 2 are needed '
-                    '(training + held-out).')
-  return split['train'], split['eval']
+def _check_pair_lengths(docs, files: list, data_cfg) -> None:
+  """A DataError naming the file and line of the first pair longer than its side allows."""
+  for field, limit, name in (('source', data_cfg.source_len, 'data.source_len'),
+                             ('target', data_cfg.seq_len, 'data.seq_len')):
+    lengths = docs.with_field(field).lengths()
+    too_long = np.flatnonzero(lengths + 1 > limit)
+    if too_long.size:
+      f, line = docs.where(int(too_long[0]))
+      raise DataError(f'data.files: {files[f]}:{line}: the {field} is '
+                      f'{lengths[too_long[0]]} tokens + EOS, longer than {name}={limit}; raise '
+                      f'{name} (at most model.max_len) or shorten the {field}.')
+
+
+def pair_examples(data_cfg, tok: Tokenizer) -> tuple[_Pairs, _Pairs]:
+  """(train, held-out) random-access examples of the pairs files, read from their token cache
+  (JSONL {"source", "target"} lines, parquet columns, or TSV source<TAB>target lines); held out
+  by a hash of the source text."""
+  cache = Cache(token_cache.ensure(data_cfg))
+  train, held = cache.documents('train'), cache.documents('eval')
+  for docs in (train, held):
+    _check_pair_lengths(docs, cache.files, data_cfg)
+  if len(train) + len(held) < 2:
+    raise DataError(f'data.files: {len(train) + len(held)} pair(s) in all; at least 2 are '
+                    'needed (training + held-out).')
+  if not len(held):  # too few pairs for the hash split: hold out the last one
+    n = len(train)
+    return _Pairs(train, data_cfg, tok, 0, n - 1), _Pairs(train, data_cfg, tok, n - 1, n)
+  return _Pairs(train, data_cfg, tok), _Pairs(held, data_cfg, tok)
 
 
 # --- synthetic tasks ------------------------------------------------------------------------
@@ -200,10 +186,6 @@ class _Chunks:
 
 # --- assembly -------------------------------------------------------------------------------
 
-def _rows(examples: list[dict]):
-  return grain.MapDataset.source(examples)
-
-
 def eval_batches(examples: list[dict], batch_size: int, num_batches: int) -> list[dict]:
   """Up to num_batches * batch_size held-out examples in fixed batches; pad rows weigh 0."""
   examples = examples[:num_batches * batch_size]
@@ -234,10 +216,11 @@ def load(config, tok: Tokenizer, *, process_index: int = 0, process_count: int =
                       f'data.synthetic_length or data.eval_percent.')
     ds = grain.MapDataset.source(_Synthetic(d, tok, t.seed))
   elif d.task == 'pairs':
-    train, held_out = pair_examples(d, tok)
-    ds = _rows(train).shuffle(seed=t.seed).repeat(None)
+    train, held = pair_examples(d, tok)
+    held_out = [held[i] for i in range(min(len(held), num_eval))]
+    ds = grain.MapDataset.source(train).shuffle(seed=t.seed).repeat(None)
   elif d.task == 'span_corruption':
-    corpus = data_lib.load_corpus(d, tok)
+    corpus = data_lib.load_corpus(d)
     n = _span_window(d, tok)
     chunks = _Chunks(corpus.eval, n)
     if not len(chunks):
