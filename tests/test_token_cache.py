@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import default, schema
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from training import token_cache
 from training.documents import DataError
 from training.token_stream import Cache, TokenStream
@@ -295,3 +295,19 @@ def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path):
   assert out.decode().strip().splitlines()[-1] == str(path)
   assert 'shards already done' in err.decode()
   assert tree_bytes(path) == tree_bytes(ref_path)
+
+
+def test_prepare_cli_prints_the_cache_path_and_clear_errors(tmp_path):
+  (tmp_path / 'a.jsonl').write_text('\n'.join(json.dumps({'text': t}) for t in texts(50, 3)))
+  args = ['prepare.py', '--config=configs/default.py:tiny', '--config.data.corpus=files',
+          f'--config.data.files={tmp_path}/a.jsonl', '--config.data.prepare_workers=1']
+  done = run_cli(*args, f'--config.data.cache_dir={tmp_path}/cache', timeout=120)
+  assert done.returncode == 0, done.stderr
+  path = done.stdout.strip().splitlines()[-1]
+  cfg = data_cfg(tmp_path, f'{tmp_path}/a.jsonl', eval_percent=2.0)
+  assert path == token_cache.cache_path(cfg) and Cache(path).totals['docs']['train'] > 40
+  (tmp_path / 'file').write_text('')
+  failed = run_cli(*args, f'--config.data.cache_dir={tmp_path}/file/cache', timeout=120)
+  assert failed.returncode == 1
+  assert failed.stderr.strip().splitlines()[-1].startswith(
+      f"error: data.cache_dir='{tmp_path}/file/cache': cannot write the token cache")

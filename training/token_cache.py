@@ -21,11 +21,14 @@ cache is byte-identical to an uninterrupted build, whatever the worker count.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import socket
 import sys
+import types
 
 import numpy as np
 import tqdm
@@ -36,6 +39,7 @@ from training.tokenizer import make_tokenizer
 
 FORMAT = 1
 MANIFEST = 'manifest.json'
+_HOST = socket.gethostname().replace('-', '_')
 
 
 def is_held_out(key: str | bytes, eval_percent: float) -> bool:
@@ -111,17 +115,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _write(path: str, data: bytes) -> str:
   """Writes under a temporary name, renames; returns the sha256 of `data`."""
-  tmp = f'{path}.tmp-{os.getpid()}'
+  tmp = f'{path}.tmp-{_HOST}-{os.getpid()}'   # several hosts may share the cache directory
   with open(tmp, 'wb') as f:
     f.write(data)
   os.replace(tmp, path)
   return hashlib.sha256(data).hexdigest()
-
-
-def _encode_batch(tok, texts: list) -> list[np.ndarray]:
-  if hasattr(tok, 'encode_batch'):
-    return tok.encode_batch(texts)
-  return [tok.encode(t) for t in texts]
 
 
 class _Job:
@@ -156,7 +154,7 @@ def build_unit(unit_id: int, pieces: list) -> dict:
     for r in records(piece, path, name, job.fields, bad, job.pairs):
       docs[is_held_out(r.key, job.eval_percent)].append((piece.file, r.where, r.texts))
   order = docs[False] + docs[True]
-  tokens = [_encode_batch(job.tokenizer, [d[2][k] for d in order]) for k in range(len(job.fields))]
+  tokens = [job.tokenizer.encode_batch([d[2][k] for d in order]) for k in range(len(job.fields))]
   keep = list(range(len(order)))
   if not job.pairs:   # an empty document adds nothing but an EOS
     keep = [i for i in keep if tokens[0][i].size]
@@ -165,10 +163,11 @@ def build_unit(unit_id: int, pieces: list) -> dict:
   meta = {'unit': unit_id, 'docs': len(keep), 'train_docs': train_docs,
           'input_bytes': sum(p.size for p in pieces), 'bad_records': bad.count, 'fields': {}}
   for field, toks in zip(job.fields, tokens):
-    parts = [np.append(toks[i], job.eos_id) for i in keep]
-    lengths = np.array([p.size for p in parts], np.int64)
+    lengths = np.array([toks[i].size + 1 for i in keep], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.concatenate(parts).astype(job.dtype) if parts else np.zeros((0,), job.dtype)
+    flat = np.full((int(offsets[-1]),), job.eos_id, job.dtype)   # EOS after each document
+    for i, start, n in zip(keep, offsets[:-1], lengths):
+      flat[start:start + n - 1] = toks[i]
     meta['fields'][field] = {
         'tokens': int(offsets[-1]), 'train_tokens': int(offsets[train_docs]),
         'bin_sha256': _write(f'{stem}.{field}.bin', flat.tobytes()),
@@ -176,8 +175,7 @@ def build_unit(unit_id: int, pieces: list) -> dict:
   where = np.array([order[i][:2] for i in keep], np.int64).reshape(-1, 2)
   meta['where_sha256'] = _write(f'{stem}.where', where.tobytes())
   if not job.pairs:   # the held-out unigram counts: the no-context baseline, without a pass
-    held = [np.append(tokens[0][i], job.eos_id) for i in keep[train_docs:]]
-    counts = np.bincount(np.concatenate(held)) if held else np.zeros((0,), np.int64)
+    counts = np.bincount(flat[meta['fields'][job.fields[0]]['train_tokens']:])
     meta['eval_unigram'] = [[int(i), int(counts[i])] for i in np.flatnonzero(counts)]
   _write(f'{stem}.json', json.dumps(meta, sort_keys=True).encode())
   return meta
@@ -185,6 +183,18 @@ def build_unit(unit_id: int, pieces: list) -> dict:
 
 def _build_unit_job(args) -> dict:
   return build_unit(*args)
+
+
+@contextlib.contextmanager
+def _bare_main():
+  """Spawned workers re-run the parent's __main__ script first (train.py would import JAX in
+  every worker); they need only this module, so the pool starts under a bare __main__."""
+  main = sys.modules['__main__']
+  sys.modules['__main__'] = types.ModuleType('__main__')
+  try:
+    yield
+  finally:
+    sys.modules['__main__'] = main
 
 
 def _complete_shards(shard_dir: str, fields, itemsize: int) -> dict[int, dict]:
@@ -206,11 +216,11 @@ def _complete_shards(shard_dir: str, fields, itemsize: int) -> dict[int, dict]:
 
 
 def _remove_stale_temporaries(*folders: str) -> None:
-  """Deletes `*.tmp-PID` files whose writer is gone (a killed build); live writers' stay."""
+  """Deletes this host's `*.tmp-HOST-PID` files whose writer is gone (a killed build)."""
   for folder in folders:
     for name in os.listdir(folder):
-      pid = name.rpartition('.tmp-')[2]
-      if '.tmp-' in name and pid.isdigit() and not _alive(int(pid)):
+      host, _, pid = name.rpartition('.tmp-')[2].rpartition('-')
+      if '.tmp-' in name and host == _HOST and pid.isdigit() and not _alive(int(pid)):
         os.remove(os.path.join(folder, name))
 
 
@@ -271,7 +281,7 @@ def ensure(data_cfg, *, progress: bool = True, log=None) -> str:
     counts['docs'] += meta['docs']
     counts['tokens'] += meta['fields'][fields[0]]['tokens']
     bar.update(meta['input_bytes'])
-    bar.set_postfix(docs=counts['docs'], tokens=counts['tokens'], refresh=False)
+    bar.set_postfix_str(f'{counts["docs"]:,} docs, {counts["tokens"]:,} tokens', refresh=False)
 
   bar.update(sum(m['input_bytes'] for m in done.values()))
   with bar:
@@ -280,8 +290,9 @@ def ensure(data_cfg, *, progress: bool = True, log=None) -> str:
       for unit in units:
         finish(build_unit(*unit))
     else:
-      ctx = multiprocessing.get_context('spawn')
-      with ctx.Pool(workers, initializer=_init_worker, initargs=(job, False)) as pool:
+      with _bare_main():
+        pool = multiprocessing.get_context('spawn').Pool(workers, _init_worker, (job, False))
+      with pool:
         pending = collections.deque()
         for unit in units:   # at most 2 units a worker in flight: bounded memory
           pending.append(pool.apply_async(_build_unit_job, (unit,)))

@@ -16,6 +16,7 @@ class Tokenizer(Protocol):
   eos_id: int
 
   def encode(self, text: str | bytes) -> np.ndarray: ...
+  def encode_batch(self, texts: list) -> list[np.ndarray]: ...
   def decode(self, ids) -> str: ...
 
 
@@ -31,6 +32,9 @@ class ByteTokenizer:
   def encode(self, text: str | bytes) -> np.ndarray:
     data = text.encode('utf-8') if isinstance(text, str) else text
     return np.frombuffer(data, np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: list) -> list[np.ndarray]:
+    return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
     """Bytes -> text; special ids are dropped, invalid UTF-8 becomes U+FFFD."""
@@ -68,6 +72,13 @@ class HFTokenizer:
     if isinstance(text, bytes):
       text = text.decode('utf-8', errors='replace')
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: list) -> list[np.ndarray]:
+    """Many texts at once (the tokenizers library's batch path: no offsets, threads unless
+    TOKENIZERS_PARALLELISM=false)."""
+    texts = [t.decode('utf-8', errors='replace') if isinstance(t, bytes) else t for t in texts]
+    encode = getattr(self._tok, 'encode_batch_fast', self._tok.encode_batch)
+    return [np.asarray(e.ids, np.int32) for e in encode(texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
