@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir='~/.cache/lmx/tokens',  # token caches (prepare.py), one folder per content hash
       prepare_workers=config_dict.placeholder(int),  # tokenizer processes; None: all cores
       seq_len=256,
+      packing=False,                  # True: whole documents packed into rows, each attending
+                                      # only to itself (segment ids, positions restart)
       eval_percent=2.0,               # share of files (by path hash) held out
       num_workers=0,                  # grain worker processes
       # Encoder-decoder data (training/seq2seq_data.py); the decoder-only model uses 'lm'.

@@ -1,5 +1,6 @@
 """Corpus loading, the held-out split, batching and the tokenizer."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -7,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from configs import encdec, schema
 from tests.conftest import ROOT
 from training import data as data_lib
+from training import loop, metrics, seq2seq_data
 from training.tokenizer import ByteTokenizer
 
 
@@ -90,3 +93,65 @@ def test_eval_batches_pad_with_zero_weights():
 def test_unigram_entropy_formula():
   tokens = np.array([0] * 50 + [1] * 25 + [2] * 25)
   assert data_lib.unigram_entropy(tokens) == pytest.approx(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25)))
+
+
+def _jsonl_corpus(tmp_path, n=60):
+  rng = np.random.default_rng(0)
+  with open(tmp_path / 'docs.jsonl', 'w') as f:
+    for i in range(n):
+      f.write(json.dumps({'text': f'doc {i}: ' + 'ab' * int(rng.integers(1, 40))}) + '\n')
+  return {'data.corpus': 'files', 'data.files': str(tmp_path / 'docs.jsonl'),
+          'data.cache_dir': str(tmp_path / 'cache'), 'data.prepare_workers': 1,
+          'data.eval_percent': 20.0, 'data.packing': True}
+
+
+def test_packed_rows_are_cached_training_documents(tiny_config, tmp_path):
+  cfg = tiny_config({**_jsonl_corpus(tmp_path), 'data.seq_len': 32})
+  train_ds, evals, _ = data_lib.lm_data(cfg.data, cfg.train, pad_id=256)
+  corpus = data_lib.load_corpus(cfg.data)
+  tok = ByteTokenizer()
+  words = lambda tokens: ' ' + ' '.join(map(str, tokens)) + ' '
+  split = {}
+  for name in ('train', 'eval'):   # each document as [EOS] + tokens + [EOS], in words
+    docs = corpus.cache.documents(name)
+    split[name] = {words([tok.eos_id, *docs[i], tok.eos_id]) for i in range(len(docs))}
+  assert split['train'] and split['eval'] and not split['train'] & split['eval']
+  for batches, name in (([next(iter(train_ds))], 'train'), (evals, 'eval')):
+    for b in batches:
+      assert set(b) == {'inputs', 'targets', 'weights', 'segment_ids', 'positions'}
+      for row in range(b['inputs'].shape[0]):
+        for seg in set(b['segment_ids'][row].tolist()) - {0}:
+          at = b['segment_ids'][row] == seg
+          np.testing.assert_array_equal(b['positions'][row][at], np.arange(at.sum()))
+          np.testing.assert_array_equal(b['inputs'][row][at][1:], b['targets'][row][at][:-1])
+          piece = words(b['inputs'][row][at])   # a piece of one document of this split
+          assert sum(piece in d for d in split[name]) >= 1
+
+
+@pytest.mark.slow
+def test_packed_resume_on_cached_data_is_exact(tiny_config, tmp_path):
+  cfg = tiny_config({**_jsonl_corpus(tmp_path), 'train.log_every': 1, 'train.steps': 8,
+                     'train.checkpoint_every': 4, 'train.eval_every': 4})
+  loop.train(cfg, str(tmp_path / 'a'))
+  loop.train(cfg, str(tmp_path / 'b'), stop_after=4)
+  loop.train(cfg, str(tmp_path / 'b'))
+  losses = lambda d: [(m['step'], m.get('loss'), m.get('eval_loss'))
+                      for m in metrics.read_metrics(str(tmp_path / d))]
+  assert [s for s, loss, _ in losses('b') if loss is not None] == list(range(1, 9))
+  assert losses('a') == losses('b')
+
+
+def test_packed_pairs_keep_each_source_with_its_target():
+  cfg = schema.apply_overrides(encdec.get_config('reversal,tiny'), {'data.packing': True})
+  tok = ByteTokenizer()
+  batch = next(iter(seq2seq_data.load(cfg, tok).train))
+  assert {'source_segment_ids', 'source_positions', 'segment_ids', 'positions'} <= set(batch)
+  pairs = 0
+  for row in range(batch['sources'].shape[0]):
+    for seg in set(batch['segment_ids'][row].tolist()) - {0}:
+      src = batch['sources'][row][batch['source_segment_ids'][row] == seg]
+      tgt = batch['targets'][row][batch['segment_ids'][row] == seg]
+      assert src[-1] == tgt[-1] == tok.eos_id
+      assert tok.decode(tgt[:-1]) == tok.decode(src[:-1])[::-1]   # the reversal task
+      pairs += 1
+  assert pairs > batch['sources'].shape[0]   # more than one pair a row

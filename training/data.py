@@ -13,7 +13,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from training import token_cache
+from training import packing, token_cache
 from training.documents import DataError, corpus_files, stdlib_root  # noqa: F401 (re-exported)
 from training.token_cache import is_held_out  # noqa: F401 (re-exported)
 from training.token_stream import Cache, TokenStream
@@ -52,6 +52,43 @@ def load_corpus(data_cfg, *, progress: bool = True) -> Corpus:
   else:
     baseline = entropy_of_counts(cache.eval_unigram_counts())
   return Corpus(train, held, counts, baseline, cache)
+
+
+def split_documents(corpus: Corpus):
+  """(training, held-out) Documents; when the hash split leaves either side empty (a corpus of
+  few documents) the last document is held out."""
+  train, held = corpus.cache.documents('train'), corpus.cache.documents('eval')
+  if len(train) and len(held):
+    return train, held
+  docs = (train if len(train) else held)
+  if len(docs) < 2:
+    raise DataError(f'data.packing=True needs at least 2 documents (training + held-out); the '
+                    f'corpus has {len(docs)}. Use data.packing=False (windows of the token '
+                    'stream) or add documents.')
+  return docs.sub(0, len(docs) - 1), docs.sub(len(docs) - 1, len(docs))
+
+
+def lm_data(data_cfg, train_cfg, pad_id: int, *, process_index: int = 0,
+            process_count: int = 1) -> tuple:
+  """(endless training batches, fixed held-out batches, unigram baseline) of the LM corpus:
+  windows of its token stream, or with data.packing whole documents packed into rows with
+  segment ids and positions (training/packing.py)."""
+  d, t = data_cfg, train_cfg
+  corpus = load_corpus(d, progress=process_index == 0)
+  if not d.packing:
+    train_ds = train_dataset(corpus.train, d.seq_len, t.batch_size, t.seed,
+                             process_index=process_index, process_count=process_count,
+                             num_workers=d.num_workers)
+    return (train_ds, eval_batches(corpus.eval, d.seq_len, t.batch_size, t.eval_batches),
+            corpus.baseline)
+  train, held = split_documents(corpus)
+  ids = {'eos_id': corpus.cache.eos_id, 'pad_id': pad_id}
+  train_ds = packing.packed_train_dataset(train, d.seq_len, t.batch_size, t.seed,
+                                          process_index=process_index,
+                                          process_count=process_count,
+                                          num_workers=d.num_workers, **ids)
+  evals = packing.packed_eval_batches(held, d.seq_len, t.batch_size, t.eval_batches, **ids)
+  return train_ds, evals, corpus.baseline
 
 
 class _Windows:

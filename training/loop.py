@@ -169,11 +169,7 @@ def load_data(config, tokenizer) -> tuple:
                                f'data.tokenizer={d.tokenizer!r} ({tokenizer.pad_id}).')
     data = seq2seq_data.load(config, tokenizer, process_index=pi, process_count=pc)
     return data.train, data.eval, data.baseline
-  corpus = data_lib.load_corpus(d, progress=pi == 0)
-  train_ds = data_lib.train_dataset(corpus.train, d.seq_len, t.batch_size, t.seed,
-                                    process_index=pi, process_count=pc, num_workers=d.num_workers)
-  eval_set = data_lib.eval_batches(corpus.eval, d.seq_len, t.batch_size, t.eval_batches)
-  return train_ds, eval_set, corpus.baseline
+  return data_lib.lm_data(d, t, tokenizer.pad_id, process_index=pi, process_count=pc)
 
 
 def eval_metrics(s: Setup, params, batches: list, tokenizer) -> dict:

@@ -137,6 +137,10 @@ def abstract_batch(config, mesh) -> dict:
   example = next(iter(data_lib.train_dataset(tokens, t, b, 0)))
   if config.data.task != 'lm':  # encoder-decoder batches (training/seq2seq_data.py) add sources
     example['sources'] = np.zeros((b, config.data.source_len), np.int32)
+  if config.data.packing:       # packed rows (training/packing.py) add segment ids, positions
+    for side, key in (('', 'inputs'), ('source_', 'sources')):
+      if key in example:
+        example[f'{side}segment_ids'] = example[f'{side}positions'] = np.zeros_like(example[key])
   sharding = mesh_lib.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding)
           for k, v in example.items()}

@@ -14,7 +14,7 @@ import grain
 import numpy as np
 
 from training import data as data_lib
-from training import span_corruption, token_cache
+from training import packing, span_corruption, token_cache
 from training.data import DataError
 from training.token_stream import Cache
 from training.tokenizer import Tokenizer
@@ -234,8 +234,12 @@ def load(config, tok: Tokenizer, *, process_index: int = 0, process_count: int =
           .random_map(corrupt, seed=t.seed))
   else:
     raise DataError(f'data.task={d.task!r} is not an encoder-decoder task.')
-  ds = ds[process_index::process_count].batch(t.batch_size // process_count, drop_remainder=True)
-  train_ds = ds.to_iter_dataset()
+  ds, rows = ds[process_index::process_count], t.batch_size // process_count
+  if d.packing:   # pairs share rows; held-out examples stay one a row (exact match decodes them)
+    train_ds = packing.pack_examples(ds.to_iter_dataset(), d.source_len, d.seq_len,
+                                     pad_id=tok.pad_id).batch(rows, drop_remainder=True)
+  else:
+    train_ds = ds.batch(rows, drop_remainder=True).to_iter_dataset()
   if d.num_workers > 0:
     train_ds = train_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   evals = eval_batches(held_out, t.batch_size, t.eval_batches)

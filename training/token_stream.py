@@ -127,6 +127,15 @@ class Documents:
   def with_field(self, field: str) -> Documents:
     return Documents(self.shards, field)
 
+  def sub(self, start: int, stop: int) -> Documents:
+    """Documents [start, stop) as a Documents (no data read)."""
+    shards = []
+    for (stem, dtype, first, count), s in zip(self.shards, self._starts[:-1]):
+      lo, hi = max(start - s, 0), min(stop - s, count)
+      if hi > lo:
+        shards.append((stem, dtype, int(first + lo), int(hi - lo)))
+    return Documents(tuple(shards), self.field)
+
 
 class Cache:
   """An opened token cache directory (its manifest)."""
