@@ -34,10 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2,                 # 1 = MQA, num_heads = MHA, else GQA
       head_dim=config_dict.placeholder(int),   # None: d_model // num_heads
       mlp_dim=768,
-      mlp_activation='swiglu',        # 'swiglu' | 'geglu' | 'gelu' | 'relu'
+      mlp_activation='swiglu',        # 'swiglu' | 'geglu' | 'gelu' | 'relu' (GELU: tanh approx.)
       norm='rmsnorm',                 # 'rmsnorm' | 'layernorm'
-      norm_position='pre',            # 'pre' | 'post' (Vaswani)
+      norm_position='pre',            # 'pre' | 'post' (Vaswani) | 'sandwich' (pre + post, Gemma 2)
       norm_eps=1e-6,
+      norm_scale_plus_one=False,      # norms scale by (1 + scale), scale starts at 0 (Gemma)
       positional='rope',              # 'rope' | 'sinusoidal' | 'learned'
       rope_theta=10_000.0,
       rope_scaling=dict(              # RoPE frequency rescaling for longer contexts
@@ -55,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
       window_pattern='',              # per-layer 'L' (sliding_window) / 'G' (global), cycled
                                       # over layers, e.g. 'LLLG'; '' = every layer uses sliding_window
       tie_embeddings=True,
-      scale_embeddings=False,         # multiply embeddings by sqrt(d_model) (Vaswani)
+      scale_embeddings=False,         # multiply embeddings by sqrt(d_model) (Vaswani, Gemma)
+      query_pre_attn_scalar=config_dict.placeholder(float),  # q.k scale 1/sqrt(this); None: head_dim
+      attn_logit_softcap=config_dict.placeholder(float),     # cap * tanh(logits / cap) (Gemma 2)
+      final_logit_softcap=config_dict.placeholder(float),    # the same on the output logits
       attention_bias=False,           # bias on the q/k/v projections (and o, unless set below)
       attention_out_bias=config_dict.placeholder(bool),  # None: same as attention_bias (Qwen2: False)
       mlp_bias=False,

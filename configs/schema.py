@@ -17,7 +17,7 @@ ENUMS = {
     'model.kind': ('decoder', 'encoder_decoder'),
     'model.mlp_activation': ('swiglu', 'geglu', 'gelu', 'relu'),
     'model.norm': ('rmsnorm', 'layernorm'),
-    'model.norm_position': ('pre', 'post'),
+    'model.norm_position': ('pre', 'post', 'sandwich'),
     'model.positional': ('rope', 'sinusoidal', 'learned'),
     'model.attention': ('auto', 'xla', 'blockwise', 'cudnn'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -211,6 +211,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout!r}: must be a number in [0, 1).')
   _check_window_pattern(m)
+  for name in ('query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap'):
+    value = m[name]
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not value > 0):
+      raise ConfigError(f'model.{name}={value!r}: must be a number > 0, or None (off).')
+  if not isinstance(m.norm_scale_plus_one, bool):
+    raise ConfigError(f'model.norm_scale_plus_one={m.norm_scale_plus_one!r}: must be true or '
+                      'false.')
   if m.attention_out_bias not in (None, True, False):
     raise ConfigError(f'model.attention_out_bias={m.attention_out_bias!r}: must be true, false or '
                       'None (None: the same as model.attention_bias).')

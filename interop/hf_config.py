@@ -1,8 +1,12 @@
-"""Hugging Face `config.json` <-> our model config, for the Llama, Mistral and Qwen2 families.
+"""Hugging Face `config.json` <-> our model config, for the Llama, Mistral, Qwen2, Gemma and Gemma 2
+families.
 
-All three are the same network (pre-RMSNorm, RoPE with the half-split pairing, SwiGLU, GQA);
-they differ only in which biases exist and in sliding-window attention. A `Family` says how
-its config.json keys map onto our fields and back, so no code branches on model names.
+All are one network with RoPE (half-split pairing), RMSNorm and GQA. Llama, Mistral and Qwen2:
+pre-norm SwiGLU, differing in biases and sliding windows. Gemma: GeGLU (tanh GELU), embeddings
+scaled by sqrt(d_model), norms that multiply by (1 + w). Gemma 2 adds sandwich norms,
+`query_pre_attn_scalar`, attention- and final-logit soft-capping and alternating local/global
+layers. A `Family` says which of our fields it fixes and how its other config.json keys map onto
+our fields and back, so no code branches on model names.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, Callable
 
 from configs import schema
 from configs.base import base_config
+from models.decoder import layer_window
 
 
 class InteropError(ValueError):
@@ -24,9 +29,10 @@ class Family:
   """How one Hugging Face causal-LM architecture maps onto our model fields."""
   architecture: str                               # config.json `architectures[0]`
   model_type: str
-  import_fields: Callable[[dict], dict]           # its config.json -> our family-specific fields
+  fixed: dict                                     # our model fields it always has (set on import)
+  import_fields: Callable[[dict], dict]           # its config.json -> our other fields
   export_fields: Callable[[Any], dict]            # our model config -> its config.json keys
-  accepts: Callable[[Any], bool]                  # can it express our model config?
+  accepts: Callable[[Any], bool]                  # can it express our model config (beyond fixed)?
   requires: str                                   # `accepts` in words, for errors
 
 
@@ -34,61 +40,155 @@ def _out_bias(m) -> bool:
   return m.attention_bias if m.attention_out_bias is None else m.attention_out_bias
 
 
+# Llama, Mistral, Qwen2: pre-norm SwiGLU, plain embeddings and norms, no soft-capping.
+LLAMA_LIKE = {'mlp_activation': 'swiglu', 'norm_position': 'pre', 'scale_embeddings': False,
+              'norm_scale_plus_one': False, 'query_pre_attn_scalar': None,
+              'attn_logit_softcap': None, 'final_logit_softcap': None}
+GEMMA_LIKE = {'mlp_activation': 'geglu', 'scale_embeddings': True, 'norm_scale_plus_one': True,
+              'mlp_bias': False}
+
+
+def _activation(hf: dict, key: str, allowed: tuple, default: str) -> None:
+  act = hf.get(key, default)
+  if act not in allowed:
+    raise InteropError(f'config.json: {key}={act!r} is not supported for '
+                       f'{hf.get("architectures") or hf.get("model_type")}; supported: '
+                       f'{", ".join(allowed)}.')
+
+
+def _window_fields(hf: dict, window: int | None, types: list | None) -> dict:
+  """model.sliding_window and model.window_pattern from per-layer `layer_types`
+  ('sliding_attention' | 'full_attention'; None: every layer sliding when there is a window)."""
+  layers = _int(hf, 'num_hidden_layers')
+  if types is None:
+    types = ['sliding_attention' if window is not None else 'full_attention'] * layers
+  kinds = {'sliding_attention': 'L', 'full_attention': 'G'}
+  if (not isinstance(types, list) or len(types) != layers
+          or any(t not in kinds for t in types)):
+    raise InteropError(f'config.json: layer_types={types!r}: expected {layers} entries '
+                       f'(num_hidden_layers), each one of {", ".join(kinds)}.')
+  pattern = ''.join(kinds[t] for t in types)
+  if window is None or 'L' not in pattern:
+    return {'sliding_window': None, 'window_pattern': ''}
+  if 'G' not in pattern:
+    return {'sliding_window': window, 'window_pattern': ''}
+  period = next(p for p in range(1, layers + 1)   # the shortest pattern that cycles to it
+                if all(pattern[i] == pattern[i % p] for i in range(layers)))
+  return {'sliding_window': window, 'window_pattern': pattern[:period]}
+
+
+def _layer_types(m) -> list[str]:
+  return ['full_attention' if layer_window(m, i) is None else 'sliding_attention'
+          for i in range(m.num_layers)]
+
+
+def _uniform_window(m) -> bool:
+  return len(set(_layer_types(m))) == 1
+
+
 def _llama_fields(hf: dict) -> dict:
+  _activation(hf, 'hidden_act', ('silu', 'swish'), 'silu')
   return {'attention_bias': bool(hf.get('attention_bias', False)), 'attention_out_bias': None,
-          'mlp_bias': bool(hf.get('mlp_bias', False)), 'sliding_window': None}
+          'mlp_bias': bool(hf.get('mlp_bias', False)), 'sliding_window': None,
+          'window_pattern': ''}
 
 
 def _mistral_fields(hf: dict) -> dict:
   # Mistral applies `sliding_window` (null: none) to every layer and has no biases.
+  _activation(hf, 'hidden_act', ('silu', 'swish'), 'silu')
   return {'attention_bias': False, 'attention_out_bias': None, 'mlp_bias': False,
-          'sliding_window': _optional_int(hf, 'sliding_window')}
-
-
-def _qwen2_window(hf: dict) -> int | None:
-  """Qwen2's window: `sliding_window` on the layers `layer_types` marks sliding, only when
-  `use_sliding_window` is true (transformers' Qwen2Config rules)."""
-  window = _optional_int(hf, 'sliding_window')
-  if not hf.get('use_sliding_window', False) or window is None:
-    return None
-  layers = _int(hf, 'num_hidden_layers')
-  types = hf.get('layer_types') or [
-      'sliding_attention' if i >= hf.get('max_window_layers', 28) else 'full_attention'
-      for i in range(layers)]
-  if set(types) == {'full_attention'}:
-    return None
-  if set(types) == {'sliding_attention'}:
-    return window
-  raise InteropError(f'config.json: layer_types/max_window_layers mix sliding-window and full '
-                     f'attention layers ({types}); this model applies model.sliding_window to '
-                     'every layer, so only all-sliding or all-full checkpoints are supported.')
+          **_window_fields(hf, _optional_int(hf, 'sliding_window'), None)}
 
 
 def _qwen2_fields(hf: dict) -> dict:
+  """Qwen2's window: `sliding_window` on the layers `layer_types` marks sliding (default: from
+  `max_window_layers` on), only when `use_sliding_window` is true (transformers' rules)."""
+  _activation(hf, 'hidden_act', ('silu', 'swish'), 'silu')
+  window = _optional_int(hf, 'sliding_window') if hf.get('use_sliding_window', False) else None
+  types = hf.get('layer_types') or [
+      'sliding_attention' if window is not None and i >= hf.get('max_window_layers', 28)
+      else 'full_attention' for i in range(_int(hf, 'num_hidden_layers'))]
   return {'attention_bias': True, 'attention_out_bias': False, 'mlp_bias': False,
-          'sliding_window': _qwen2_window(hf)}
+          **_window_fields(hf, window, types)}
 
 
 def _qwen2_export(m) -> dict:
-  window = m.sliding_window
-  return {'use_sliding_window': window is not None, 'sliding_window': window,
-          'max_window_layers': 0 if window is not None else m.num_layers,
-          'layer_types': ['sliding_attention' if window is not None else 'full_attention']
-                         * m.num_layers}
+  types = _layer_types(m)
+  sliding = 'sliding_attention' in types
+  return {'use_sliding_window': sliding, 'sliding_window': m.sliding_window if sliding else None,
+          'max_window_layers': 0 if sliding else m.num_layers, 'layer_types': types}
+
+
+def _gemma_fields(hf: dict) -> dict:
+  # transformers reads Gemma's legacy hidden_act='gelu' as the tanh approximation too.
+  _activation(hf, 'hidden_act', ('gelu_pytorch_tanh', 'gelu'), 'gelu_pytorch_tanh')
+  return {'attention_bias': bool(hf.get('attention_bias', False)), 'attention_out_bias': None,
+          'sliding_window': None, 'window_pattern': '',
+          'tie_embeddings': bool(hf.get('tie_word_embeddings', True))}
+
+
+def _optional_float(hf: dict, key: str, default) -> float | None:
+  value = hf.get(key, default)
+  if value is None:
+    return None
+  value = _float({key: value}, key)
+  if value <= 0:
+    raise InteropError(f'config.json: field `{key}`={value!r} must be > 0 (or null).')
+  return value
+
+
+def _gemma2_fields(hf: dict) -> dict:
+  # Defaults are Gemma2Config's, for keys a config.json leaves out.
+  _activation(hf, 'hidden_activation', ('gelu_pytorch_tanh',), 'gelu_pytorch_tanh')
+  layers = _int(hf, 'num_hidden_layers')
+  types = hf.get('layer_types') or ['sliding_attention' if (i + 1) % 2 else 'full_attention'
+                                    for i in range(layers)]
+  window = _int(hf, 'sliding_window', 4096) if hf.get('sliding_window', 4096) is not None else None
+  return {'attention_bias': bool(hf.get('attention_bias', False)), 'attention_out_bias': None,
+          'tie_embeddings': bool(hf.get('tie_word_embeddings', True)),
+          'query_pre_attn_scalar': _optional_float(hf, 'query_pre_attn_scalar', 256),
+          'attn_logit_softcap': _optional_float(hf, 'attn_logit_softcapping', 50.0),
+          'final_logit_softcap': _optional_float(hf, 'final_logit_softcapping', 30.0),
+          **_window_fields(hf, window, types)}
+
+
+def _gemma2_export(m) -> dict:
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  return {'hidden_activation': 'gelu_pytorch_tanh', 'attention_bias': m.attention_bias,
+          'query_pre_attn_scalar': int(head_dim if m.query_pre_attn_scalar is None
+                                       else m.query_pre_attn_scalar),
+          'attn_logit_softcapping': m.attn_logit_softcap,
+          'final_logit_softcapping': m.final_logit_softcap,
+          # No sliding layer: the window is never used, but transformers wants a number.
+          'sliding_window': m.sliding_window or m.max_len, 'layer_types': _layer_types(m)}
 
 
 FAMILIES = (
-    Family('LlamaForCausalLM', 'llama', _llama_fields,
-           lambda m: {'attention_bias': m.attention_bias, 'mlp_bias': m.mlp_bias},
+    Family('LlamaForCausalLM', 'llama', LLAMA_LIKE, _llama_fields,
+           lambda m: {'hidden_act': 'silu', 'attention_bias': m.attention_bias,
+                      'mlp_bias': m.mlp_bias},
            lambda m: _out_bias(m) == m.attention_bias and m.sliding_window is None,
            'the same bias on q/k/v and o, no sliding window'),
-    Family('MistralForCausalLM', 'mistral', _mistral_fields,
-           lambda m: {'sliding_window': m.sliding_window},
-           lambda m: not (m.attention_bias or _out_bias(m) or m.mlp_bias),
-           'no biases'),
-    Family('Qwen2ForCausalLM', 'qwen2', _qwen2_fields, _qwen2_export,
+    Family('MistralForCausalLM', 'mistral', LLAMA_LIKE, _mistral_fields,
+           lambda m: {'hidden_act': 'silu', 'sliding_window': m.sliding_window},
+           lambda m: not (m.attention_bias or _out_bias(m) or m.mlp_bias) and _uniform_window(m),
+           'no biases, the same attention window on every layer'),
+    Family('Qwen2ForCausalLM', 'qwen2', LLAMA_LIKE, _qwen2_fields,
+           lambda m: {'hidden_act': 'silu', **_qwen2_export(m)},
            lambda m: m.attention_bias and not _out_bias(m) and not m.mlp_bias,
            'q/k/v bias, no o or MLP bias'),
+    Family('GemmaForCausalLM', 'gemma', {**GEMMA_LIKE, 'norm_position': 'pre',
+                                         'query_pre_attn_scalar': None,
+                                         'attn_logit_softcap': None, 'final_logit_softcap': None},
+           _gemma_fields,
+           lambda m: {'hidden_act': 'gelu_pytorch_tanh', 'attention_bias': m.attention_bias},
+           lambda m: _out_bias(m) == m.attention_bias and m.sliding_window is None,
+           'the same bias on q/k/v and o, no sliding window'),
+    Family('Gemma2ForCausalLM', 'gemma2', {**GEMMA_LIKE, 'norm_position': 'sandwich'},
+           _gemma2_fields, _gemma2_export,
+           lambda m: _out_bias(m) == m.attention_bias and float(
+               m.query_pre_attn_scalar or 0).is_integer(),
+           'the same bias on q/k/v and o, an integer query_pre_attn_scalar'),
 )
 SUPPORTED = ', '.join(f.architecture for f in FAMILIES)
 ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -192,9 +292,6 @@ def to_config(hf: dict, family: Family, overrides: dict | None = None):
   if hf.get('quantization_config') is not None:
     raise InteropError('config.json: quantization_config is set; quantized checkpoints are not '
                        'supported (use the unquantized weights).')
-  act = hf.get('hidden_act', 'silu')
-  if act not in ('silu', 'swish'):
-    raise InteropError(f'config.json: hidden_act={act!r} is not supported (only silu: SwiGLU).')
   d_model, heads = _int(hf, 'hidden_size'), _int(hf, 'num_attention_heads')
   max_len = _int(hf, 'max_position_embeddings', 2048)
   head_dim = hf.get('head_dim')
@@ -203,14 +300,12 @@ def to_config(hf: dict, family: Family, overrides: dict | None = None):
       'model.num_layers': _int(hf, 'num_hidden_layers'), 'model.d_model': d_model,
       'model.num_heads': heads, 'model.num_kv_heads': _int(hf, 'num_key_value_heads', heads),
       'model.head_dim': d_model // heads if head_dim is None else _int(hf, 'head_dim'),
-      'model.mlp_dim': _int(hf, 'intermediate_size'), 'model.mlp_activation': 'swiglu',
-      'model.norm': 'rmsnorm', 'model.norm_position': 'pre',
+      'model.mlp_dim': _int(hf, 'intermediate_size'), 'model.norm': 'rmsnorm',
       'model.norm_eps': _float(hf, 'rms_norm_eps', 1e-6), 'model.positional': 'rope',
-      'model.max_len': max_len, 'model.scale_embeddings': False,
-      'model.tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+      'model.max_len': max_len, 'model.tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
       'model.init_std': _float(hf, 'initializer_range', 0.02),
       **_rope_fields(hf, max_len),
-      **{f'model.{k}': v for k, v in family.import_fields(hf).items()},
+      **{f'model.{k}': v for k, v in {**family.fixed, **family.import_fields(hf)}.items()},
   }
   config = schema.apply_overrides(base_config(), {**fields, **(overrides or {})})
   config.data.seq_len = min(config.data.seq_len, max_len)
@@ -220,25 +315,30 @@ def to_config(hf: dict, family: Family, overrides: dict | None = None):
     raise InteropError(f'config.json maps to an invalid model: {e}') from None
 
 
-# Our fields that Hugging Face's Llama-family models cannot express, with the value they need.
-_FIXED = {'kind': 'decoder', 'positional': 'rope', 'norm': 'rmsnorm', 'norm_position': 'pre',
-          'mlp_activation': 'swiglu', 'scale_embeddings': False}
+# Our fields that no supported Hugging Face family can change, with the value they need.
+_FIXED = {'kind': 'decoder', 'positional': 'rope', 'norm': 'rmsnorm'}
+
+
+def _mismatch(m, family: Family) -> str | None:
+  """Why `family` cannot express our model config `m`, or None when it can."""
+  for name, value in family.fixed.items():
+    if m[name] != value:
+      return f'model.{name}={value!r} (this model has {m[name]!r})'
+  return None if family.accepts(m) else family.requires
 
 
 def family_for(m) -> Family:
   """The first family that expresses our model config `m` (config.model)."""
   for name, value in _FIXED.items():
     if m[name] != value:
-      raise InteropError(f'model.{name}={m[name]!r} has no Hugging Face Llama-family '
-                         f'equivalent (it needs {value!r}).')
+      raise InteropError(f'model.{name}={m[name]!r} has no Hugging Face equivalent among '
+                         f'{SUPPORTED} (they need {value!r}).')
   for family in FAMILIES:
-    if family.accepts(m):
+    if _mismatch(m, family) is None:
       return family
-  raise InteropError(
-      f'no supported Hugging Face family expresses model.attention_bias={m.attention_bias}, '
-      f'model.attention_out_bias={m.attention_out_bias}, model.mlp_bias={m.mlp_bias}, '
-      f'model.sliding_window={m.sliding_window}; they need: '
-      + '; '.join(f'{f.architecture}: {f.requires}' for f in FAMILIES) + '.')
+  raise InteropError('no supported Hugging Face family expresses this model; '
+                     + '; '.join(f'{f.architecture} needs {_mismatch(m, f)}' for f in FAMILIES)
+                     + '.')
 
 
 def _rope_export(m) -> dict:
@@ -264,7 +364,7 @@ def from_config(config, family: Family, *, dtype: str, bos_id: int | None = None
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'intermediate_size': m.mlp_dim,
       'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
       'num_key_value_heads': m.num_kv_heads, 'head_dim': m.head_dim or m.d_model // m.num_heads,
-      'hidden_act': 'silu', 'max_position_embeddings': m.max_len, 'rms_norm_eps': m.norm_eps,
+      'max_position_embeddings': m.max_len, 'rms_norm_eps': m.norm_eps,
       'initializer_range': m.init_std, 'tie_word_embeddings': bool(m.tie_embeddings),
       'attention_dropout': 0.0, 'use_cache': True, 'dtype': dtype, 'torch_dtype': dtype,
       'bos_token_id': bos_id, 'eos_token_id': eos_id, 'pad_token_id': pad_id,

@@ -44,6 +44,16 @@ RULES = (
      ('linear', 1)),
     (r'layers\.(\d+)\.mlp\.(gate|up|down)\.bias', r'model.layers.\1.mlp.\2_proj.bias', 'flat'),
 )
+# Sandwich norms (Gemma 2): post_attention_layernorm is the norm *after* attention there, and
+# the MLP's input norm is pre_feedforward_layernorm. Tried before RULES when a model has them.
+SANDWICH_RULES = (
+    (r'layers\.(\d+)\.post_attn_norm\.scale', r'model.layers.\1.post_attention_layernorm.weight',
+     'same'),
+    (r'layers\.(\d+)\.mlp_norm\.scale', r'model.layers.\1.pre_feedforward_layernorm.weight',
+     'same'),
+    (r'layers\.(\d+)\.post_mlp_norm\.scale',
+     r'model.layers.\1.post_feedforward_layernorm.weight', 'same'),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +93,11 @@ def path_name(path) -> str:
 def tensor_specs(params) -> list[TensorSpec]:
   """One spec per leaf of `params` (an nnx State of Params, concrete or abstract)."""
   specs = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    ours = path_name(path)
-    for pattern, hf, layout in RULES:
+  leaves = [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)]
+  sandwich = any('.post_attn_norm.' in ours for ours, _ in leaves)
+  rules = SANDWICH_RULES + RULES if sandwich else RULES
+  for ours, leaf in leaves:
+    for pattern, hf, layout in rules:
       if re.fullmatch(pattern, ours):
         specs.append(TensorSpec(ours, re.sub(pattern, hf, ours), layout, tuple(leaf.shape)))
         break

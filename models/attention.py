@@ -4,7 +4,8 @@
 arguments (BTNH layout, boolean mask with True = attend, `local_window_size` int or
 (left, right)), plus keyword-only extras: explicit query/key positions (used by the KV cache;
 a negative key position marks an empty slot and is never attended), segment ids (packed
-sequences) and block sizes. One deliberate difference: a query row with no key to attend to
+sequences), block sizes and `logits_soft_cap` (Gemma 2: scaled logits become
+cap * tanh(logits / cap) before bias and masking). One deliberate difference: a query row with no key to attend to
 returns zeros (jax returns the mean of the values there).
 
 Implementations: 'xla' (reference, materialises [T, S] scores), 'blockwise' (models/blockwise.py:
@@ -150,7 +151,7 @@ def _grouped(t, num_kv_heads):
   return t.reshape(b, num_kv_heads, n // num_kv_heads, tq, s)
 
 
-def xla_attention(query, key, value, bias, mask, scale):
+def xla_attention(query, key, value, bias, mask, scale, logits_soft_cap=None):
   """Reference: materialises fp32 scores; GQA without repeating K/V.
 
   Queries are laid out [B, K, G*T, H] so both products are plain batched matmuls over (B, K),
@@ -163,6 +164,8 @@ def xla_attention(query, key, value, bias, mask, scale):
   kt, vt = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)          # [B, K, S, H]
   logits = jnp.einsum('bkqh,bksh->bkqs', q, kt, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, k, g, t, s) * jnp.float32(scale)
+  if logits_soft_cap is not None:
+    logits = jnp.tanh(logits / jnp.float32(logits_soft_cap)) * jnp.float32(logits_soft_cap)
   if bias is not None:
     logits = logits + _grouped(bias, k).astype(jnp.float32)
   if mask is not None:
@@ -177,20 +180,23 @@ def xla_attention(query, key, value, bias, mask, scale):
   return out.astype(query.dtype)
 
 
-def cudnn_supported(query, key, *, is_causal: bool, local_window, extras: bool) -> bool:
+def cudnn_supported(query, key, *, is_causal: bool, local_window, extras: bool,
+                    soft_cap: bool = False) -> bool:
   """Whether jax's cuDNN kernel handles this call: GPU, half precision, head_dim a multiple of
-  8 up to 128, a window only with causal masking, and none of our extras (positions, segments)."""
+  8 up to 128, a window only with causal masking, none of our extras (positions, segments) and
+  no logit soft-capping (jax's cuDNN call has none)."""
   h = query.shape[-1]
   return (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
-          and h % 8 == 0 and h <= 128 and not extras
+          and h % 8 == 0 and h <= 128 and not extras and not soft_cap
           and (local_window is None or is_causal))
 
 
 def choose_implementation(query, key, *, is_causal: bool = False, local_window=None,
-                          extras: bool = False) -> str:
+                          extras: bool = False, soft_cap: bool = False) -> str:
   """None / 'auto': cudnn where supported, else blockwise for T * S >= BLOCKWISE_MIN_SCORES,
   else xla."""
-  if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window, extras=extras):
+  if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window, extras=extras,
+                     soft_cap=soft_cap):
     return 'cudnn'
   if query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_SCORES:
     return 'blockwise'
@@ -201,7 +207,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, implementation=None, query_positions=None,
                           key_positions=None, query_segment_ids=None, key_segment_ids=None,
-                          block_q=None, block_kv=None):
+                          block_q=None, block_kv=None, logits_soft_cap=None):
   """Scaled dot-product attention.
 
   Args:
@@ -215,25 +221,37 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     query_segment_ids [B, T], key_segment_ids [B, S]: attend only within equal ids.
     implementation: 'xla', 'blockwise', 'cudnn' (GPU only), or None / 'auto'.
     block_q, block_kv: blockwise tile sizes (default 256 / 256; lengths need not divide).
+    logits_soft_cap: None or c > 0: the scaled logits become c * tanh(logits / c) before the
+      bias and mask apply (Gemma 2). jax's cuDNN kernel has no such option: 'cudnn' refuses it.
   Returns: [B, T, N, H] in query's dtype.
   """
   _check_args(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
               query_positions, key_positions, query_segment_ids, key_segment_ids,
               implementation, block_q, block_kv)
+  if logits_soft_cap is not None:
+    if (isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float))
+        or not logits_soft_cap > 0):
+      raise ValueError(f'logits_soft_cap={logits_soft_cap!r}: must be a number > 0 or None.')
+    if implementation == 'cudnn':
+      raise ValueError("implementation='cudnn' has no logit soft-capping (jax's cuDNN call "
+                       "takes no soft cap); use 'blockwise', 'xla' or None (auto never picks "
+                       'cudnn for a soft-capped call).')
+    logits_soft_cap = float(logits_soft_cap)
   window = _window_pair(local_window_size)
   scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else scale
   extras = any(x is not None for x in (query_positions, key_positions, query_segment_ids,
                                        key_segment_ids))
   if implementation in (None, 'auto'):
     implementation = choose_implementation(query, key, is_causal=is_causal, local_window=window,
-                                           extras=extras)
+                                           extras=extras, soft_cap=logits_soft_cap is not None)
   if implementation == 'blockwise':
     return blockwise_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window=window, query_positions=query_positions, key_positions=key_positions,
         query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
-        block_q=block_q or DEFAULT_BLOCK_Q, block_kv=block_kv or DEFAULT_BLOCK_KV)
+        block_q=block_q or DEFAULT_BLOCK_Q, block_kv=block_kv or DEFAULT_BLOCK_KV,
+        logits_soft_cap=logits_soft_cap)
   if implementation == 'cudnn':
     if extras:   # positions / segments have no cuDNN form: fold them into the boolean mask
       mask = attention_mask(
@@ -253,4 +271,4 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       local_window_size=window, query_positions=query_positions,
       key_positions=key_positions, query_segment_ids=query_segment_ids,
       key_segment_ids=key_segment_ids)
-  return xla_attention(query, key, value, bias, full_mask, scale)
+  return xla_attention(query, key, value, bias, full_mask, scale, logits_soft_cap)

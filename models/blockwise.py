@@ -40,6 +40,7 @@ class Spec:
   groups: int            # G = N // K
   starts: tuple[int, ...]  # first key tile of each query tile's band
   band: int              # key tiles visited per query tile
+  soft_cap: float | None = None   # logits -> cap * tanh(logits / cap), before bias and mask
 
 
 def band_of(t: int, s: int, bq: int, bk: int, causal: bool, window, default_positions: bool):
@@ -184,15 +185,20 @@ def visible_tiles(spec: Spec, aux, batch, tp, sp):
 # ----------------------------------------------------------------------------- forward / backward
 
 def _logits(spec: Spec, q_i, k_j, bias, aux, i, j, tp, sp, masked: bool):
-  """Scaled, biased fp32 logits of tile (i, j): [B, K, bq, G, bk]; masked entries -inf
-  (`masked`=False: the tile is known to be fully visible)."""
+  """Scaled, soft-capped, biased fp32 logits of tile (i, j): [B, K, bq, G, bk]; masked entries
+  -inf (`masked`=False: the tile is known to be fully visible). Also returns the soft cap's
+  tanh (its derivative is 1 - tanh^2), or None without one."""
   b, k = q_i.shape[:2]
   s = jnp.einsum('bkrh,bksh->bkrs', q_i, k_j, preferred_element_type=jnp.float32)
   s = s.reshape(b, k, spec.bq, spec.groups, spec.bk) * jnp.float32(spec.scale)
+  capped = None
+  if spec.soft_cap is not None:
+    capped = jnp.tanh(s / jnp.float32(spec.soft_cap))
+    s = capped * jnp.float32(spec.soft_cap)
   if bias is not None:
     s = s + _tile_rows(bias, spec, i, j, tp, sp).astype(jnp.float32)
   mask = _tile_mask(spec, aux, i, j, tp, sp) if masked else None
-  return s if mask is None else jnp.where(mask, s, -jnp.inf)
+  return (s if mask is None else jnp.where(mask, s, -jnp.inf)), capped
 
 
 def _kv_tile(x, spec: Spec, j):
@@ -220,7 +226,7 @@ def _forward(spec: Spec, q, k, v, bias, aux):
 
       def attend(state, masked):
         acc, m, l = state
-        s = _logits(spec, q_i, _kv_tile(k, spec, j), bias, aux, i, j, tp, sp, masked)
+        s, _ = _logits(spec, q_i, _kv_tile(k, spec, j), bias, aux, i, j, tp, sp, masked)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
@@ -269,13 +275,16 @@ def _backward(spec: Spec, res, d_out):
 
       def grads(masked):   # tile-sized results only: the switch never carries full dk / dv
         k_j, v_j = _kv_tile(k, spec, j), _kv_tile(v, spec, j)
-        p = jnp.exp(_logits(spec, q_i, k_j, bias, aux, i, j, tp, sp, masked) - lse_i)
+        s, capped = _logits(spec, q_i, k_j, bias, aux, i, j, tp, sp, masked)
+        p = jnp.exp(s - lse_i)
         p4 = p.reshape(b, kh, -1, spec.bk)
         dv_j = jnp.einsum('bkrs,bkrh->bksh', p4.astype(do_i.dtype), do_i,
                           preferred_element_type=jnp.float32)
         dp = jnp.einsum('bkrh,bksh->bkrs', do_i, v_j, preferred_element_type=jnp.float32)
         ds = p * (dp.reshape(p.shape) - delta_i)                 # d logits, [B, K, bq, G, bk]
-        ds4 = ds.reshape(b, kh, -1, spec.bk)
+        # Through the soft cap to the scaled q.k (the bias gradient is taken after it).
+        ds_qk = ds if capped is None else ds * (1.0 - jnp.square(capped))
+        ds4 = ds_qk.reshape(b, kh, -1, spec.bk)
         dq_j = jnp.einsum('bkrs,bksh->bkrh', ds4.astype(k.dtype), k_j,
                           preferred_element_type=jnp.float32) * scale
         dk_j = jnp.einsum('bkrs,bkrh->bksh', ds4.astype(q.dtype), q_i,
@@ -333,11 +342,12 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *, scale: float
                         is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                         local_window=None, query_positions=None, key_positions=None,
                         query_segment_ids=None, key_segment_ids=None, block_q: int = 256,
-                        block_kv: int = 256):
+                        block_kv: int = 256, logits_soft_cap: float | None = None):
   """query [B, T, N, H], key/value [B, S, K, H] -> [B, T, N, H]; arguments checked by the caller.
 
   local_window: None or (left, right). bias / mask: [B|1, N|1, T|1, S|1]. Positions [B|1, T|S],
-  segment ids [B, T|S], lengths [B]. Rows with no visible key return zeros.
+  segment ids [B, T|S], lengths [B]. logits_soft_cap: None or c (scaled logits ->
+  c * tanh(logits / c), before bias and mask). Rows with no visible key return zeros.
   """
   b, t, n, h = query.shape
   s, kh = key.shape[1], key.shape[2]
@@ -347,7 +357,7 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *, scale: float
   default_pos = query_positions is None and key_positions is None
   starts, band = band_of(t, s, bq, bk, is_causal, local_window, default_pos)
   spec = Spec(scale=float(scale), causal=bool(is_causal), window=local_window, t=t, s=s, bq=bq,
-              bk=bk, groups=g, starts=starts, band=band)
+              bk=bk, groups=g, starts=starts, band=band, soft_cap=logits_soft_cap)
   if default_pos is False:   # one given: the other takes its default, as in `attention_mask`
     query_positions = jnp.arange(t)[None] if query_positions is None else query_positions
     key_positions = jnp.arange(s)[None] if key_positions is None else key_positions

@@ -1,12 +1,15 @@
 """Decoder-only language model: embeddings -> N blocks -> norm -> logits."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models import kv_cache, positional, scan
-from models.layers import Block, Embed, Projection, dropout, dtype_of, fold_key, make_norm
+from models.layers import (Block, Embed, Projection, dropout, dtype_of, fold_key, make_norm,
+                           soft_cap)
 from models.sharding import RESIDUAL, constrain
 
 
@@ -45,7 +48,8 @@ class DecoderLM(nnx.Module):
                        'differ per layer. Set model.scan_layers=False.')
     # Scanned: one Block with parameters stacked [L, ...] (same init as unrolled; models/scan.py).
     self.layers = scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
-    self.final_norm = make_norm(cfg) if cfg.norm_position == 'pre' else None
+    self.final_norm = make_norm(cfg) if cfg.norm_position != 'post' else None
+    self.final_softcap = cfg.get('final_logit_softcap')
     self.lm_head = (None if cfg.tie_embeddings else
                     Projection((cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
                                use_bias=False, std=cfg.init_std, dtype=cfg.dtype,
@@ -53,9 +57,7 @@ class DecoderLM(nnx.Module):
 
   def embed_tokens(self, tokens: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """[B, T] -> [B, T, D]: token embeddings plus absolute positions when configured."""
-    x = self.embed(tokens)
-    if self.scale_embeddings:
-      x = x * jnp.sqrt(jnp.float32(self.d_model)).astype(x.dtype)
+    x = self.embed(tokens, math.sqrt(self.d_model) if self.scale_embeddings else None)
     if self.positional == 'sinusoidal':
       x = x + positional.sinusoidal(positions, self.d_model).astype(x.dtype)
     elif self.pos_embed is not None:
@@ -63,12 +65,11 @@ class DecoderLM(nnx.Module):
     return x
 
   def logits(self, x: jnp.ndarray) -> jnp.ndarray:
-    """Final hidden states [B, T, D] -> fp32 logits [B, T, V]."""
+    """Final hidden states [B, T, D] -> fp32 logits [B, T, V] (soft-capped when configured)."""
     if self.final_norm is not None:
       x = self.final_norm(x)
-    if self.lm_head is None:
-      return self.embed.attend(x)
-    return self.lm_head(x).astype(jnp.float32)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
+    return soft_cap(logits, self.final_softcap)
 
   def layer_list(self) -> list:
     """The blocks one by one (scanned layers: per-layer views of the stacked parameters)."""

@@ -22,7 +22,7 @@ class EncoderDecoder(nnx.Module):
     self.pad_id = cfg.pad_id
     self.decoder = DecoderLM(cfg, rngs, num_layers=cfg.num_decoder_layers, cross_attention=True)
     self.encoder_layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_encoder_layers)])
-    self.encoder_norm = make_norm(cfg) if cfg.norm_position == 'pre' else None
+    self.encoder_norm = make_norm(cfg) if cfg.norm_position != 'post' else None
     self.dropout = self.decoder.dropout
     self.uses_rng = self.decoder.uses_rng   # training/loop.py passes a per-step key then
 

@@ -95,13 +95,15 @@ def view_sizes(size: int, block: int = VIEW_BLOCK, growth: float = VIEW_GROWTH) 
 
 
 def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int | None = None,
-           filled: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+           filled: jax.Array | None = None, implementation: str | None = None,
+           scale: float | None = None, logits_soft_cap: float | None = None) -> jax.Array:
   """Causal (windowed) attention of queries over the cached keys. Returns [B, T, N, H].
 
   q: [B, T, N, H] at `positions` [B, T] (-1: padding, attends to nothing). A key is visible
   when its slot is not empty, its position <= the query's, and (window W) within W - 1 of it.
   filled: number of slots in use, all in a prefix (a full cache). When given, only the
   smallest `view_sizes` prefix that holds them is read, so a step costs O(filled), not O(S).
+  scale, logits_soft_cap: as in `dot_product_attention`.
   """
   local = None if window is None else (window - 1, 0)
 
@@ -109,7 +111,8 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
     k, v, pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:, :n]
     return dot_product_attention(q, k, v, mask=(pos >= 0)[:, None, None, :], is_causal=True,
                                  local_window_size=local, query_positions=positions,
-                                 key_positions=pos, implementation=implementation)
+                                 key_positions=pos, implementation=implementation, scale=scale,
+                                 logits_soft_cap=logits_soft_cap)
 
   sizes = view_sizes(cache.size)
   if filled is None or len(sizes) == 1:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models import kv_cache, positional
@@ -57,12 +58,18 @@ class Projection(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """RMSNorm (scale only) or LayerNorm (scale and bias); statistics in fp32."""
+  """RMSNorm (scale only) or LayerNorm (scale and bias); statistics in fp32.
 
-  def __init__(self, dim: int, kind: str, eps: float, param_dtype: str):
-    self.kind, self.eps = kind, eps
-    self.scale = make_param(None, (dim,), ('norm',), None, dtype_of(param_dtype))
-    self.bias = (nnx.Param(jnp.zeros((dim,), dtype_of(param_dtype)), out_sharding=('norm',),
+  plus_one: the output is multiplied by (1 + scale) with scale initialised to 0 (Gemma's
+  parameterisation: the stored weight is the offset from 1), else by scale (initialised to 1).
+  """
+
+  def __init__(self, dim: int, kind: str, eps: float, param_dtype: str, plus_one: bool = False):
+    self.kind, self.eps, self.plus_one = kind, eps, plus_one
+    pdt = dtype_of(param_dtype)
+    self.scale = (nnx.Param(jnp.zeros((dim,), pdt), out_sharding=('norm',), eager_sharding=False)
+                  if plus_one else make_param(None, (dim,), ('norm',), None, pdt))
+    self.bias = (nnx.Param(jnp.zeros((dim,), pdt), out_sharding=('norm',),
                            eager_sharding=False) if kind == 'layernorm' else None)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -70,14 +77,21 @@ class Norm(nnx.Module):
     if self.kind == 'layernorm':
       xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    y = y * self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32)
+    y = y * (1.0 + scale if self.plus_one else scale)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype)
 
 
 def make_norm(cfg) -> Norm:
-  return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.param_dtype)
+  return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.param_dtype,
+              plus_one=bool(cfg.get('norm_scale_plus_one')))
+
+
+def soft_cap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
+  """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x unchanged when cap is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu, 'gelu': jax.nn.gelu,
@@ -111,8 +125,13 @@ class Embed(nnx.Module):
     self.dtype = dtype_of(dtype)
     self.embedding = make_param(rngs, (vocab_size, dim), axes, std, dtype_of(param_dtype))
 
-  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+  def __call__(self, tokens: jnp.ndarray, scale: float | None = None) -> jnp.ndarray:
+    """[B, T] -> [B, T, D]; `scale` multiplies the rows in the table's dtype (as transformers'
+    Gemma does: sqrt(3072) is 55.5 in bfloat16) before the cast to the compute dtype."""
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    if scale is not None:
+      x = x * np.asarray(scale, np.float32).astype(x.dtype)
+    return x.astype(self.dtype)
 
   def attend(self, x: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum('btd,vd->btv', x.astype(self.dtype), self.embedding[...].astype(self.dtype),
@@ -138,6 +157,9 @@ class Attention(nnx.Module):
     self.rope, self.rope_theta = rope, cfg.rope_theta
     self.rope_scaling = positional.RopeScaling.from_config(cfg.get('rope_scaling'))
     self.sliding_window = sliding_window
+    scalar = cfg.get('query_pre_attn_scalar')
+    self.scale = 1.0 / math.sqrt(h if scalar is None else scalar)
+    self.softcap = cfg.get('attn_logit_softcap')
     self.implementation = None if cfg.attention == 'auto' else cfg.attention
     self.block_q, self.block_kv = cfg.get('attention_block_q'), cfg.get('attention_block_kv')
     self.q = Projection((cfg.d_model,), (cfg.num_heads, h), ('embed', 'heads', 'head_dim'), **kw)
@@ -167,8 +189,8 @@ class Attention(nnx.Module):
     out = dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, local_window_size=window,
         query_positions=positions, key_positions=positions, query_segment_ids=segment_ids,
-        key_segment_ids=segment_ids, implementation=self.implementation,
-        block_q=self.block_q, block_kv=self.block_kv)
+        key_segment_ids=segment_ids, scale=self.scale, logits_soft_cap=self.softcap,
+        implementation=self.implementation, block_q=self.block_q, block_kv=self.block_kv)
     return self.o(out)
 
   def context_cache(self, context: jnp.ndarray,
@@ -190,6 +212,7 @@ class Attention(nnx.Module):
     out = dot_product_attention(self.q(x), cache.k, cache.v, mask=(cache.pos >= 0)[:, None, None],
                                 query_segment_ids=segment_ids,
                                 key_segment_ids=context_segment_ids,
+                                scale=self.scale, logits_soft_cap=self.softcap,
                                 implementation=self.implementation, block_q=self.block_q,
                                 block_kv=self.block_kv)
     return self.o(out)
@@ -207,7 +230,8 @@ class Attention(nnx.Module):
       rope_pos = jnp.maximum(positions, 0)
       q = positional.apply_rope(q, rope_pos, self.rope_theta, scaling=self.rope_scaling)
       k = positional.apply_rope(k, rope_pos, self.rope_theta, scaling=self.rope_scaling)
-    kw = dict(window=self.sliding_window, implementation=self.implementation)
+    kw = dict(window=self.sliding_window, implementation=self.implementation, scale=self.scale,
+              logits_soft_cap=self.softcap)
     if cache_index is None:
       out = kv_cache.attend(q, positions, kv_cache.LayerCache(k, v, positions), **kw)
       return self.o(out), kv_cache.prefill(cache, k, v, positions)
@@ -228,21 +252,29 @@ def dropout(x: jnp.ndarray, rate: float, rng: jax.Array | None) -> jnp.ndarray:
 
 
 class Block(nnx.Module):
-  """Transformer block: self-attention, optional cross-attention, MLP; pre- or post-norm."""
+  """Transformer block: self-attention, optional cross-attention, MLP. norm_position 'pre':
+  x + f(norm(x)); 'post' (Vaswani): norm(x + f(x)); 'sandwich' (Gemma 2): x + norm'(f(norm(x)))
+  with a second norm (`post_attn_norm`, `post_cross_norm`, `post_mlp_norm`) per sublayer."""
 
   def __init__(self, cfg, rngs: nnx.Rngs, *, sliding_window: int | None = None,
                cross_attention: bool = False):
-    self.pre_norm = cfg.norm_position == 'pre'
+    self.pre_norm = cfg.norm_position != 'post'
+    sandwich = cfg.norm_position == 'sandwich'
+    post = lambda on=True: make_norm(cfg) if sandwich and on else None
     self.attn_norm = make_norm(cfg)
+    self.post_attn_norm = post()
     self.attn = Attention(cfg, rngs, rope=cfg.positional == 'rope', sliding_window=sliding_window)
     self.cross_norm = make_norm(cfg) if cross_attention else None
+    self.post_cross_norm = post(cross_attention)
     self.cross_attn = Attention(cfg, rngs, rope=False) if cross_attention else None
     self.mlp_norm = make_norm(cfg)
+    self.post_mlp_norm = post()
     self.mlp = Mlp(cfg, rngs)
     self.dropout = cfg.get('dropout') or 0.0
 
-  def _residual(self, x, norm, fn, rng=None):
-    drop = lambda h: dropout(fn(h), self.dropout, rng)
+  def _residual(self, x, norm, fn, rng=None, post_norm=None):
+    out = lambda h: post_norm(fn(h)) if post_norm is not None else fn(h)
+    drop = lambda h: dropout(out(h), self.dropout, rng)
     return x + drop(norm(x)) if self.pre_norm else norm(x + drop(x))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None, causal=True,
@@ -258,11 +290,12 @@ class Block(nnx.Module):
     if cache is not None:
       new_cache = []
       x = self._residual(x, self.attn_norm, lambda h: _keep_cache(
-          self.attn.cached(h, positions, cache, cache_index), new_cache))
+          self.attn.cached(h, positions, cache, cache_index), new_cache),
+                         post_norm=self.post_attn_norm)
     else:
       x = self._residual(x, self.attn_norm, lambda h: self.attn(
           h, positions, segment_ids=segment_ids, causal=causal, mask=mask),
-                         fold_key(rng, 0))
+                         fold_key(rng, 0), self.post_attn_norm)
     if self.cross_attn is not None:
       if context_cache is None:
         context_cache = self.cross_attn.context_cache(context, context_mask)
@@ -271,8 +304,8 @@ class Block(nnx.Module):
                              h, context_cache, segment_ids=segment_ids if
                              context_segment_ids is not None else None,
                              context_segment_ids=context_segment_ids),
-                         fold_key(rng, 1))
-    x = self._residual(x, self.mlp_norm, self.mlp, fold_key(rng, 2))
+                         fold_key(rng, 1), self.post_cross_norm)
+    x = self._residual(x, self.mlp_norm, self.mlp, fold_key(rng, 2), self.post_mlp_norm)
     return x if cache is None else (x, new_cache[0])
 
 

@@ -72,6 +72,11 @@ def make_inputs(c, dtype=jnp.float32):
 
 def visible_np(c, arrays):
   """[B, N, T] bool: rows with at least one visible key, from the definitions (numpy)."""
+  return mask_np(c, arrays).any(-1)
+
+
+def mask_np(c, arrays):
+  """[B, N, T, S] bool: which keys each query sees, from the definitions (numpy)."""
   b, t, s, n = c['b'], c['t'], c['s'], c['n']
   qi, kj = np.arange(t)[:, None], np.arange(s)[None, :]
   m = np.ones((b, n, t, s), bool)
@@ -84,7 +89,7 @@ def visible_np(c, arrays):
     m &= np.asarray(arrays['mask'])
   if 'key_value_seq_lengths' in arrays:
     m &= kj[None, None] < np.asarray(arrays['key_value_seq_lengths'])[:, None, None, None]
-  return m.any(-1)
+  return m
 
 
 def reference(c, arrays, nonempty):
@@ -147,6 +152,66 @@ def test_matches_jax_reference_fp32(chunk):
       for arg, got, want in zip('qkvb', grads, ref_grads):
         np.testing.assert_allclose(got, want, atol=GRAD_TOL, rtol=0,
                                    err_msg=f'{name} d{arg} {c}')
+
+
+def full_mask_np(c, arrays):
+  """`mask_np` with query lengths too: [B, N, T, S]."""
+  m = mask_np(c, arrays)
+  if 'query_seq_lengths' in arrays:
+    m &= (np.arange(c['t'])[None, :] < np.asarray(arrays['query_seq_lengths'])[:, None])[
+        :, None, :, None]
+  return m
+
+
+def soft_cap_reference(c, m, cap):
+  """Attention with Gemma 2's logit soft-capping written out (repeated K/V, the explicit mask
+  m [B, N, T, S]): softmax(cap * tanh(q.k / sqrt(H) / cap) + bias) . v."""
+  g = c['n'] // c['k']
+
+  def fn(query, key, value, bias=None):
+    logits = jnp.einsum('btnh,bsnh->bnts', query, jnp.repeat(key, g, axis=2)) / np.sqrt(c['h'])
+    logits = cap * jnp.tanh(logits / cap) + (0.0 if bias is None else bias)
+    probs = jax.nn.softmax(jnp.where(m, logits, -1e30), axis=-1) * m.any(-1, keepdims=True)
+    return jnp.einsum('bnts,bsnh->btnh', probs, jnp.repeat(value, g, axis=2))
+  return fn
+
+
+@pytest.mark.parametrize('cases', [CASES[0:16:3]])
+def test_logits_soft_cap_forward_and_grads_match_reference(cases):
+  """logits_soft_cap=1.5 (strongly saturating: unit-variance logits): 'xla' and 'blockwise'
+  (its custom VJP included) == the written-out formula, forward and q/k/v/bias gradients;
+  and the cap really changes the result."""
+  inputs = [make_inputs(c) for c in cases]
+  cap = 1.5
+
+  def capped(c, a, impl):
+    args = {name: x for name, x in a.items() if name not in ('query', 'key', 'value', 'bias')}
+    return lambda q, k, v, bias=None: dot_product_attention(
+        q, k, v, bias, **args, is_causal=c['causal'], local_window_size=c['window'],
+        implementation=impl, block_q=c['block_q'], block_kv=c['block_kv'], logits_soft_cap=cap)
+
+  def run(inputs, masks):
+    return [[fwd_and_grads(fn, a) for fn in (soft_cap_reference(c, m, cap), capped(c, a, 'xla'),
+                                             capped(c, a, 'blockwise'), ours(c, a, 'xla'))]
+            for c, a, m in zip(cases, inputs, masks)]
+
+  masks = [jnp.asarray(full_mask_np(c, a)) for c, a in zip(cases, inputs)]
+  for c, (want, *got, uncapped) in zip(cases, run_fast(run, inputs, masks)):
+    for name, (out, grads) in zip(('xla', 'blockwise'), got):
+      np.testing.assert_allclose(out, want[0], atol=FWD_TOL, rtol=0, err_msg=f'{name} {c}')
+      for arg, g, w in zip('qkvb', grads, want[1]):
+        np.testing.assert_allclose(g, w, atol=GRAD_TOL, rtol=0, err_msg=f'{name} d{arg} {c}')
+    assert np.abs(np.asarray(uncapped[0]) - np.asarray(want[0])).max() > 1e-2
+
+
+def test_logits_soft_cap_refused_by_cudnn_and_never_auto_chosen():
+  q, k, v = qkv(1, 4, 4, 2, 1, 8)
+  with pytest.raises(ValueError, match='logits_soft_cap'):
+    dot_product_attention(q, k, v, logits_soft_cap=-1.0)
+  with pytest.raises(ValueError, match="'cudnn'"):
+    dot_product_attention(q, k, v, logits_soft_cap=50.0, implementation='cudnn')
+  big = jnp.zeros((1, 2048, 2, 64), jnp.bfloat16)
+  assert choose_implementation(big, big, is_causal=True, soft_cap=True) != 'cudnn'
 
 
 def qkv(b, t, s, n, k, h, dtype=jnp.float32, seed=0):
@@ -429,7 +494,12 @@ def test_sharded_over_batch_and_heads():
 
 
 @pytest.mark.parametrize('overrides', [
-    {}, {'model.sliding_window': 5, 'model.window_pattern': 'LG', 'model.num_kv_heads': 1}])
+    {}, {'model.sliding_window': 5, 'model.window_pattern': 'LG', 'model.num_kv_heads': 1,
+         # Gemma 2's fields (soft-capped attention logits through blockwise's custom VJP)
+         'model.norm_position': 'sandwich', 'model.norm_scale_plus_one': True,
+         'model.attn_logit_softcap': 0.5, 'model.final_logit_softcap': 2.0,
+         'model.query_pre_attn_scalar': 3.0, 'model.mlp_activation': 'geglu',
+         'model.scale_embeddings': True}])
 def test_model_logits_and_grads_equal_across_implementations(tiny_config, overrides):
   """Tiny decoder: 'blockwise' (tiles of 8, several per sequence) == 'xla' for logits and every
   parameter gradient (of a loss over packed rows with segment ids)."""

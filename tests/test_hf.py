@@ -1,8 +1,10 @@
 """Hugging Face interop against transformers itself (torch CPU, fp32, fixed seeds, offline).
 
 Tiny random Llama (llama3 RoPE scaling, q/k/v/o and MLP biases, sharded save), Mistral (sliding
-window shorter than the test sequences) and Qwen2 (q/k/v bias, tied embeddings) models are saved
-with save_pretrained, imported, and compared with transformers: logits within 1e-4, greedy
+window shorter than the test sequences), Qwen2 (q/k/v bias, tied embeddings, one sliding-window
+and one full layer), Gemma (GeGLU, (1 + w) norms, scaled embeddings) and Gemma 2 (sandwich norms,
+query_pre_attn_scalar, attention and final-logit soft-capping, local/global layers) models are
+saved with save_pretrained, imported, and compared with transformers: logits within 1e-4, greedy
 generation token for token, export -> reload -> the same logits, tokenizer ids.
 """
 import json
@@ -46,7 +48,14 @@ FAMILIES = {
                    rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
                                      high_freq_factor=4.0, original_max_position_embeddings=32))),
     'mistral': ('MistralConfig', 'MistralForCausalLM', dict(sliding_window=WINDOW)),
-    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', dict(tie_word_embeddings=True)),
+    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM',
+              dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
+                   layer_types=['full_attention', 'sliding_attention'])),
+    'gemma': ('GemmaConfig', 'GemmaForCausalLM', dict(head_dim=16)),
+    # Caps small enough to bite at these logit sizes; layer_types default: local, then global.
+    'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM',
+               dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                    attn_logit_softcapping=4.0, final_logit_softcapping=3.0)),
 }
 TEXT = ('the quick brown fox jumps over the lazy dog while the cat sleeps near the warm fire '
         'and a bird sings on the old oak tree beside the river that runs to the sea ')
@@ -133,21 +142,35 @@ def test_imported_logits_match_transformers(hf, imported, family):
   ours = our_logits(imported[family], RANDOM_TOKENS)
   np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
   assert np.abs(ref).max() > 1.0  # peaked enough that the comparison means something
-  # The feature that sets the family apart really is in play: without it, logits differ.
-  off = {'llama': {'model.rope_scaling.kind': 'none'}, 'mistral': {'model.sliding_window': None},
-         'qwen2': None}[family]
-  if off:
-    assert np.abs(our_logits(imported[family], RANDOM_TOKENS, off) - ref).max() > 100 * ATOL
+  # The features that set the family apart really are in play: without each, logits differ.
+  no_window = {'model.sliding_window': None, 'model.window_pattern': ''}
+  for off in {'llama': [{'model.rope_scaling.kind': 'none'}], 'mistral': [no_window],
+              'qwen2': [no_window],
+              'gemma': [{'model.norm_scale_plus_one': False}, {'model.scale_embeddings': False}],
+              'gemma2': [no_window, {'model.attn_logit_softcap': None},
+                         {'model.final_logit_softcap': None},
+                         {'model.query_pre_attn_scalar': None}]}[family]:
+    assert np.abs(our_logits(imported[family], RANDOM_TOKENS, off) - ref).max() > 100 * ATOL, off
 
 
 def test_imported_config_fields(imported):
-  llama, mistral, qwen = (load_workdir(imported[f]).config.model for f in FAMILIES)
+  llama, mistral, qwen, gemma, gemma2 = (load_workdir(imported[f]).config.model for f in FAMILIES)
   assert (llama.rope_scaling.kind, llama.rope_scaling.factor, llama.rope_scaling.original_max_len,
           llama.rope_theta) == ('llama3', 8.0, 32, 500_000.0)
   assert llama.attention_bias and llama.mlp_bias and not llama.tie_embeddings
   assert mistral.sliding_window == WINDOW and not mistral.attention_bias
   assert qwen.attention_bias and qwen.attention_out_bias is False and qwen.tie_embeddings
   assert (qwen.norm_eps, qwen.num_kv_heads, qwen.max_len) == (1e-5, 2, 128)
+  assert (qwen.sliding_window, qwen.window_pattern) == (WINDOW, 'GL')
+  for m in (gemma, gemma2):
+    assert (m.mlp_activation, m.norm_scale_plus_one, m.scale_embeddings, m.tie_embeddings) == (
+        'geglu', True, True, True)
+  assert (gemma.norm_position, gemma.sliding_window, gemma.attn_logit_softcap) == ('pre', None,
+                                                                                  None)
+  assert (gemma2.norm_position, gemma2.sliding_window, gemma2.window_pattern) == (
+      'sandwich', WINDOW, 'LG')
+  assert (gemma2.query_pre_attn_scalar, gemma2.attn_logit_softcap,
+          gemma2.final_logit_softcap) == (24, 4.0, 3.0)
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -294,6 +317,22 @@ def test_new_fields_validated(tiny_config, overrides, message):
     schema.validate(tiny_config(overrides))
 
 
+@pytest.mark.parametrize('overrides, words', [
+    ({'model.norm_position': 'sandwich', 'model.mlp_activation': 'geglu',
+      'model.scale_embeddings': True},
+     ["LlamaForCausalLM needs model.mlp_activation='swiglu'",
+      'Gemma2ForCausalLM needs model.norm_scale_plus_one=True (this model has False)']),
+    ({'model.sliding_window': 4, 'model.window_pattern': 'LG'},
+     ['MistralForCausalLM needs no biases, the same attention window']),
+    ({'model.positional': 'learned'}, ['model.positional']),
+])
+def test_export_refuses_models_no_family_expresses(tiny_config, overrides, words):
+  with pytest.raises(InteropError) as e:
+    hf_config.family_for(schema.validate(tiny_config(overrides)).model)
+  for word in words:
+    assert word in str(e.value)
+
+
 # --- bad input: one clear error naming the tensor or field, nothing written ------------------
 
 def _corrupt_copy(src, dst, edit_config=None, edit_tensors=None):
@@ -328,9 +367,10 @@ BAD_INPUTS = {
     'rope_type': (dict(edit_config=lambda c: c['rope_parameters'].update(rope_type='yarn')),
                   ['rope_type', 'yarn']),
     'missing_field': (dict(edit_config=lambda c: c.pop('hidden_size')), ['hidden_size']),
-    'mixed_windows': (dict(edit_config=lambda c: c.update(
-        use_sliding_window=True, sliding_window=4,
-        layer_types=['full_attention', 'sliding_attention'])), ['layer_types']),
+    'layer_types': (dict(edit_config=lambda c: c.update(layer_types=['sliding_attention'])),
+                    ['layer_types', '2 entries']),
+    'activation': (dict(edit_config=lambda c: c.update(hidden_act='relu')),
+                   ['hidden_act', 'relu']),
 }
 
 

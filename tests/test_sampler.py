@@ -68,6 +68,12 @@ CASES = {   # name: (config overrides, prompt lengths, decode steps, cache slots
                    (4, 11, 8), 12, 32),
     # window 6: prompts shorter and longer than W, then 40 steps: the ring wraps many times
     'sliding_window': ({'model.sliding_window': 6}, (3, 10, 6), 40, 64),
+    # Gemma 2's fields: local/global layers, sandwich norms, soft-capped attention and output
+    'gemma2': ({'model.sliding_window': 6, 'model.window_pattern': 'LG',
+                'model.norm_position': 'sandwich', 'model.norm_scale_plus_one': True,
+                'model.attn_logit_softcap': 0.5, 'model.final_logit_softcap': 0.3,
+                'model.query_pre_attn_scalar': 3.0, 'model.mlp_activation': 'geglu',
+                'model.scale_embeddings': True}, (3, 10, 6), 20, 64),
     # past the first 128-slot view: decode switches to the 256 view mid-way
     'long': ({'model.num_kv_heads': 1}, (100, 120, 60), 40, 256),
 }
