@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out.
 
-  python -m interop.hf --from_hf=HF_DIR --workdir=DIR   # Llama / Mistral / Qwen2 -> workdir
+  python -m interop.hf --from_hf=HF_DIR --workdir=DIR   # Llama, Mistral, Qwen2, Gemma (2) -> workdir
   python -m interop.hf --workdir=DIR --to_hf=OUT        # workdir -> transformers folder
 
 The imported workdir samples (`sample.py --workdir=DIR`) and fine-tunes
