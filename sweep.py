@@ -1,14 +1,16 @@
 """Run an ablation sweep: python sweep.py --sweep=configs/sweeps/X.py[:arg] --workdir=DIR.
 
 Each trial trains in DIR/<trial>/ through train.py; a rerun skips finished trials and resumes
-interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png. A sweep file with
-'search' instead of 'trials' runs an Optuna search (sweeps/search.py). `--samples --prompt=TEXT`
-samples every finished trial with the same seed into the report.
+interrupted ones. Writes DIR/results.csv, results.md and loss_curves.png (seeded sweeps also
+summary.csv, scaling sweeps scaling.csv/.png). A sweep file with 'search' instead of 'trials'
+runs an Optuna search (sweeps/search.py). `--samples --prompt=TEXT` samples every finished trial
+with the same seed into the report. `python sweep.py --compare DIR [DIR...] --workdir=OUT` builds
+the same report over finished workdirs (sweeps or train.py runs).
 """
 from absl import app, flags, logging
 
 from configs import schema
-from sweeps import report, runner, samples, search, spec
+from sweeps import compare, report, runner, samples, search, spec
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg] defining get_sweep().')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory holding one folder per trial.')
@@ -19,6 +21,8 @@ _RAY_ADDRESS = flags.DEFINE_string('ray_address', None,
 _RAY_CPUS = flags.DEFINE_integer('ray_num_cpus', None, 'Local Ray instance: CPUs (default all).')
 _CPUS = flags.DEFINE_float('cpus_per_trial', 1, 'Ray backend: CPUs each trial requests.')
 _GPUS = flags.DEFINE_float('gpus_per_trial', 0, 'Ray backend: GPUs each trial requests.')
+_COMPARE = flags.DEFINE_bool('compare', False, 'Report over the workdirs given as arguments '
+                              '(sweeps or train.py runs) into --workdir: --compare DIR [DIR...].')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
                                  'Only regenerate the report from DIR (no --sweep needed).')
 _SAMPLES = flags.DEFINE_bool('samples', False, "Sample every finished trial's final checkpoint "
@@ -41,11 +45,26 @@ def check_sample_flags() -> None:
     raise app.UsageError(f'--temperature={_TEMPERATURE.value}: must be >= 0.')
 
 
+def run_compare(directories: list[str]) -> None:
+  if not directories:
+    raise app.UsageError('--compare needs workdirs: sweep.py --compare DIR [DIR...] --workdir=OUT.')
+  if _SWEEP.value or _REPORT_ONLY.value or _SAMPLES.value:
+    raise app.UsageError('--compare takes workdirs only (not --sweep, --report_only, --samples).')
+  try:
+    result = compare.run(directories, _WORKDIR.value)
+  except (spec.SweepError, schema.ConfigError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  print(result['markdown'])
+  print(f'Report: {_WORKDIR.value}/results.md, results.csv, summary.csv, loss_curves.png')
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  if _COMPARE.value:
+    return run_compare(argv[1:])
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   check_sample_flags()
   try:
     if not _REPORT_ONLY.value:
@@ -77,7 +96,7 @@ def main(argv):
   if top:
     print(f'Best trial: {top["trial"]} ({spec.describe(top["overrides"])}), eval loss '
           f'{top["eval_loss"]:.4f}\n  {top["command"]}')
-  failed = [r['trial'] for r in rows if r['status'] != 'done']
+  failed = [r['trial'] for r in rows if r['status'] not in ('done', 'pruned')]
   if failed:
     raise SystemExit(f'{len(failed)} of {len(rows)} trials not done: {", ".join(failed)}')
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from sweeps.spec import ROOT, Sweep, Trial, describe
 from training.metrics import read_metrics
 
 ERROR_TAIL_LINES = 20
+POLL_SECONDS = 0.5
 
 
 def trial_dir(workdir: str, trial: Trial) -> str:
@@ -81,6 +83,7 @@ def prepare(workdir: str, sweep: Sweep) -> None:
       os.rename(os.path.join(workdir, old), trial_dir(workdir, trial))
   write_json(os.path.join(workdir, 'sweep.json'), {
       'sweep': sweep.source, 'config': sweep.config_file, 'base': sweep.base,
+      'baseline': sweep.baseline, 'scaling': sweep.scaling,
       'trials': [{'name': t.name, 'overrides': t.overrides, 'hash': t.hash} for t in sweep.trials]})
   for trial in sweep.trials:
     directory = trial_dir(workdir, trial)
@@ -94,9 +97,44 @@ def prepare(workdir: str, sweep: Sweep) -> None:
     write_json(info_path, info)
 
 
-def run_trial(directory: str, steps: int) -> dict:
+def checkpointed_step(directory: str) -> int:
+  """The latest committed checkpoint's step (0 when none)."""
+  folder = os.path.join(directory, 'checkpoints')
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=0)
+
+
+def watch(proc: subprocess.Popen, directory: str, steps: int, on_eval) -> int | None:
+  """Feeds each new eval line of DIRECTORY/metrics.jsonl to `on_eval(step, eval_loss)` while
+  `proc` runs (the final step's evaluation excepted). When it returns True while the process
+  still runs, the trial is pruned:
+  train.py gets SIGTERM (it checkpoints the current step and exits) and the step is returned;
+  None when the process ended by itself."""
+  seen = set()
+  while True:
+    ended = proc.poll() is not None
+    for m in read_metrics(directory):
+      step = m.get('step')
+      if 'eval_loss' not in m or step in seen:
+        continue
+      seen.add(step)
+      prune = step < steps and on_eval(step, m['eval_loss'])
+      if prune and not ended:  # a trial that ended by itself keeps its result
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        return step
+    if ended:
+      return None
+    time.sleep(POLL_SECONDS)
+
+
+def run_trial(directory: str, steps: int, on_eval=None) -> dict:
   """Runs (or resumes, or skips) one trial; returns its updated trial.json. Never raises for a
-  failing train.py: the failure is recorded as status 'failed' with the end of its output."""
+  failing train.py: the failure is recorded as status 'failed' with the end of its output.
+
+  on_eval(step, eval_loss) -> bool: called with each evaluation as it appears in metrics.jsonl;
+  True prunes the trial (status 'pruned', `steps_trained` its last checkpointed step).
+  """
   info_path = os.path.join(directory, 'trial.json')
   info = read_json(info_path)
   if is_finished(directory, steps):
@@ -108,13 +146,26 @@ def run_trial(directory: str, steps: int) -> dict:
   write_json(info_path, info)
   start = time.time()
   log_path = os.path.join(directory, 'train.log')
+  pruned_at = None
   with open(log_path, 'a') as log:
     log.write(f'$ {" ".join(command(directory))}\n')
     log.flush()
-    proc = subprocess.run(command(directory), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(directory), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+      if on_eval is not None:
+        pruned_at = watch(proc, directory, steps, on_eval)
+      proc.wait()
+    finally:
+      if proc.poll() is None:  # interrupted sweep: stop the trial too (it checkpoints)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
   info['wall_time'] = info.get('wall_time', 0.0) + time.time() - start
-  if proc.returncode == 0 and is_finished(directory, steps):
+  info['steps_trained'] = max(checkpointed_step(directory),
+                              max((m['step'] for m in read_metrics(directory)), default=0))
+  if pruned_at is not None:
+    info.update(status='pruned', error=None, pruned_at=pruned_at)
+  elif proc.returncode == 0 and is_finished(directory, steps):
     info.update(status='done', error=None)
   else:
     with open(log_path) as f:

@@ -5,8 +5,15 @@ A sweep file's `get_sweep()` returns, instead of 'trials',
              'space': {'train.learning_rate': ('log_uniform', 1e-4, 1e-2),
                        'train.warmup_steps': ('int', 0, 50),
                        'train.weight_decay': ('uniform', 0.0, 0.3),
-                       'model.num_kv_heads': ('choice', [1, 2, 4])}}
-The objective is the trial's final eval loss (minimised). The study lives in
+                       'model.num_kv_heads': ('choice', [1, 2, 4])},
+             'pruner': 'median' | 'asha'}     # optional
+The objective is the trial's final eval loss (minimised). With a pruner, each evaluation is
+reported to the study as it appears in the trial's metrics.jsonl; a trial the pruner stops gets
+SIGTERM (train.py checkpoints and exits) and status 'pruned', and the report counts the train
+steps every trial ran. 'median': Optuna's MedianPruner (after 4 complete trials, a trial whose
+eval loss is worse than the median of earlier trials at the same step stops); 'asha':
+SuccessiveHalvingPruner (asynchronous successive halving, rungs at train.eval_every x 3^k steps,
+the best third of the trials at a rung go on). The study lives in
 WORKDIR/optuna_journal.log (Optuna's file journal, no server); each trial trains in a folder
 named by its config hash through `sweeps.runner.run_trial`, so a rerun resumes interrupted trials
 from their checkpoints, never repeats finished ones, and asks only for the trials still missing.
@@ -27,8 +34,9 @@ from sweeps import runner
 from sweeps.spec import Sweep, SweepError, Trial, describe, load_base_config, trial_name
 from training.metrics import read_metrics
 
-SEARCH_KEYS = ('sampler', 'num_trials', 'seed', 'space')
+SEARCH_KEYS = ('sampler', 'num_trials', 'seed', 'space', 'pruner')
 SAMPLERS = ('random', 'tpe')
+PRUNERS = ('median', 'asha')
 KINDS = ('log_uniform', 'uniform', 'int', 'log_int', 'choice')
 OBJECTIVE = 'eval_loss'
 JOURNAL = 'optuna_journal.log'
@@ -44,11 +52,13 @@ class Search:
   num_trials: int
   seed: int
   space: dict                 # config path -> (kind, *args), as the sweep file gives it
+  pruner: str | None = None   # None | 'median' | 'asha'
 
   def fingerprint(self) -> str:
     """What must not change between runs sharing one journal."""
     return json.dumps({'config': schema.config_hash(self.base_config),
-                       'space': {k: list(v) for k, v in self.space.items()}}, sort_keys=True,
+                       'space': {k: list(v) for k, v in self.space.items()},
+                       **({'pruner': self.pruner} if self.pruner else {})}, sort_keys=True,
                       default=list)
 
 
@@ -99,6 +109,10 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Search:
   sampler, seed, n = s.get('sampler', 'tpe'), s.get('seed', 0), s.get('num_trials')
   if sampler not in SAMPLERS:
     raise SweepError(f"{source}: search 'sampler'={sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+  pruner = s.get('pruner')
+  if pruner is not None and pruner not in PRUNERS:
+    raise SweepError(f"{source}: search 'pruner'={pruner!r}; choose one of {', '.join(PRUNERS)} "
+                     '(or leave it out: no pruning).')
   for name, value in (('num_trials', n), ('seed', seed)):
     if not isinstance(value, int) or isinstance(value, bool) or value < (name == 'num_trials'):
       raise SweepError(f"{source}: search {name!r}={value!r} must be a "
@@ -118,7 +132,7 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Search:
       except schema.ConfigError as e:
         raise SweepError(str(e) if str(e).startswith(where) else f'{where}: {e}') from None
   return Search(source, raw['config'], base, base_config, sampler, n, seed,
-                {k: tuple(v) for k, v in space.items()})
+                {k: tuple(v) for k, v in space.items()}, pruner)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -135,6 +149,16 @@ def make_sampler(kind: str, seed: int):
   return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
 
 
+def make_pruner(kind: str | None, eval_every: int):
+  """The Optuna pruner a search names; steps are train steps (evaluations every `eval_every`)."""
+  import optuna
+  if kind == 'median':
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+  if kind == 'asha':
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_every, reduction_factor=3)
+  return optuna.pruners.NopPruner()
+
+
 def open_study(workdir: str, search: Search):
   """The study in WORKDIR's journal (created on first use); refuses a different search."""
   import optuna
@@ -144,7 +168,8 @@ def open_study(workdir: str, search: Search):
   storage = optuna.storages.JournalStorage(
       optuna.storages.journal.JournalFileBackend(os.path.join(workdir, JOURNAL)))
   study = optuna.create_study(study_name='search', storage=storage, direction='minimize',
-                              load_if_exists=True)
+                              load_if_exists=True,
+                              pruner=make_pruner(search.pruner, search.base_config.train.eval_every))
   saved = study.user_attrs.get('fingerprint')
   if saved is None:
     study.set_user_attr('fingerprint', search.fingerprint())
@@ -199,33 +224,48 @@ def run(workdir: str, search: Search, parallel: int = 1) -> list[dict]:
   known = [_trial(search, t.number, t.params) for t in study.trials if t.params]
   results = []
   while True:
-    batch = [(t.number, _trial(search, t.number, t.params)) for t in study.trials
+    batch = [(t.number, optuna.Trial(study, t._trial_id), _trial(search, t.number, t.params))
+             for t in study.trials
              if t.state == optuna.trial.TrialState.RUNNING][:max(1, parallel)]
     while len(batch) < max(1, parallel) and len(study.trials) < search.num_trials:
       study.sampler = make_sampler(search.sampler, trial_seed(search.seed, len(study.trials)))
       asked = study.ask(dists)
-      batch.append((asked.number, _trial(search, asked.number, asked.params)))
+      batch.append((asked.number, asked, _trial(search, asked.number, asked.params)))
     if not batch:
       break
-    known += [t for _, t in batch]
+    known += [t for *_, t in batch]
     _record(workdir, search, known)
-    jobs = [(runner.trial_dir(workdir, t), t.config.train.steps) for _, t in batch]
+    jobs = [(runner.trial_dir(workdir, t), t.config.train.steps,
+             reporter(live) if search.pruner else None) for _, live, t in batch]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
       outcomes = list(pool.map(lambda job: runner.run_trial(*job), jobs))
-    for (number, trial), job, outcome in zip(batch, jobs, outcomes):
-      value = objective(*job) if outcome['status'] == 'done' else None
-      if value is None:
+    for (number, _, trial), job, outcome in zip(batch, jobs, outcomes):
+      value = objective(*job[:2]) if outcome['status'] == 'done' else None
+      if outcome['status'] == 'pruned':
+        study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        state = f'pruned after step {outcome["pruned_at"]} ({outcome["steps_trained"]} steps run)'
+      elif value is None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
+        state = f'FAILED: {outcome["error"]}'
       else:
         study.tell(number, value)
-      state = ('finished earlier, skipped' if outcome['skipped'] else
-               f'{OBJECTIVE} {value:.4f}' if value is not None else f'FAILED: {outcome["error"]}')
+        state = 'finished earlier, skipped' if outcome['skipped'] else f'{OBJECTIVE} {value:.4f}'
       print(f'[trial {number + 1}/{search.num_trials}] {trial.name} ({describe(trial.overrides)}): '
             f'{state}', flush=True)
       results.append({**outcome, 'number': number, OBJECTIVE: value})
   if known:
     _record(workdir, search, known)
   return results
+
+
+def reporter(trial):
+  """on_eval for runner.run_trial: reports (step, eval loss) to the Optuna trial and answers
+  whether its pruner stops it. A step already reported (a resumed trial) is not re-reported."""
+  def on_eval(step: int, value: float) -> bool:
+    if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
+      trial.report(value, step)
+    return trial.should_prune()
+  return on_eval
 
 
 def best(workdir: str) -> dict | None:

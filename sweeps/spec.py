@@ -4,8 +4,13 @@ A sweep file defines `get_sweep(arg=None)` returning
   {'config': 'configs/default.py[:variant]',   # the base config file
    'base': {'train.steps': 200},                # overrides shared by every trial (optional)
    'trials': [{'model.num_kv_heads': 1}, ...],  # one override dict per trial; keys are config paths
-   'seeds': [0, 1, 2] or 'repeats': 3}          # optional: every trial once per train.seed
-Every trial is resolved and validated before any trial runs.
+   'seeds': [0, 1, 2] or 'repeats': 3,          # optional: every trial once per train.seed
+   'baseline': {'model.num_kv_heads': 8},       # optional: the group the others are tested
+                                                # against (summary.csv); default the first
+   'scaling': {'x': 'params'}}                  # optional: fit L = E + A x^-alpha over the
+                                                # groups ('params' | 'flops' | 'tokens')
+Every trial is resolved and validated before any trial runs, and so are 'baseline' (it must
+match exactly one group) and 'scaling' (the groups must span at least 3 sizes).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import ml_collections
 from configs import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_KEYS = ('config', 'base', 'trials', 'seeds', 'repeats')
+SWEEP_KEYS = ('config', 'base', 'trials', 'seeds', 'repeats', 'baseline', 'scaling')
 SEED_KEY = 'train.seed'
 
 
@@ -50,6 +55,8 @@ class Sweep:
   config_file: str           # the base config file[:variant], as the sweep file names it
   base: dict
   trials: list
+  baseline: dict | None = None   # overrides naming the baseline group (None: the first group)
+  scaling: dict | None = None    # {'x': 'params' | 'flops' | 'tokens'} or None
 
 
 def grid(axes: Mapping[str, Sequence[Any]]) -> list[dict]:
@@ -142,6 +149,10 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
   """Resolves and validates every trial of a `get_sweep()` dict; raises before anything runs."""
   if not isinstance(raw, Mapping):
     raise SweepError(f'{source}: get_sweep() must return a dict, got {type(raw).__name__}.')
+  if 'pruner' in raw:
+    raise SweepError(f"{source}: 'pruner' needs a search sweep (put it in 'search', e.g. "
+                     "'search': {..., 'pruner': 'median'}); a grid sweep ('trials') runs every "
+                     'trial to the end.')
   unknown = sorted(set(raw) - set(SWEEP_KEYS))
   if unknown:
     raise SweepError(f'{source}: unknown sweep field(s) {unknown}; allowed: {", ".join(SWEEP_KEYS)}.')
@@ -178,7 +189,41 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
                        f'({describe(overrides)}).')
     names[h] = i
     trials.append(Trial(index, trial_name(overrides, h), overrides, config, h))
-  return Sweep(source, raw['config'], base, trials)
+  baseline = _baseline(raw.get('baseline'), trials, source)
+  scaling = None
+  if raw.get('scaling') is not None:
+    from sweeps import scaling as scaling_lib  # imports the models: only for scaling sweeps
+    try:
+      scaling = scaling_lib.check(raw['scaling'], {describe(dict(t.group)): t.config
+                                                   for t in trials}, source)
+    except ValueError as e:
+      raise SweepError(str(e)) from None
+  return Sweep(source, raw['config'], base, trials, baseline, scaling)
+
+
+def find_baseline(baseline: Mapping[str, Any] | None, groups: Sequence[Mapping[str, Any]],
+                  where: str) -> int:
+  """The index of the group (overrides without the seed) that includes every item of
+  `baseline`; 0 when `baseline` is None. Raises SweepError unless exactly one group matches."""
+  if baseline is None:
+    return 0
+  matches = [i for i, g in enumerate(groups)
+             if all(k in g and g[k] == v for k, v in baseline.items())]
+  if len(matches) != 1:
+    labels = '; '.join(describe(g) for g in groups)
+    raise SweepError(f"{where}: 'baseline' {dict(baseline)!r} matches "
+                     f"{'no group' if not matches else f'{len(matches)} groups'} of trials; "
+                     f'the groups are: {labels}.')
+  return matches[0]
+
+
+def _baseline(raw: Any, trials: list, source: str) -> dict | None:
+  """The 'baseline' overrides, checked to match exactly one group of `trials`."""
+  if raw is None:
+    return None
+  raw = _check_overrides(raw, f"{source}: 'baseline'")
+  find_baseline(raw, [dict(g) for g in dict.fromkeys(t.group for t in trials)], source)
+  return raw
 
 
 def load_raw(spec: str) -> dict:
