@@ -241,9 +241,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
                       f'train.grad_accum_steps={t.grad_accum_steps}.')
-  if t.warmup_steps >= t.steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be smaller than '
-                      f'train.steps={t.steps}.')
   if not 0 <= t.min_lr_ratio <= 1:
     raise ConfigError(f'train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].')
   for axis in ('data', 'fsdp', 'tensor'):

@@ -42,9 +42,8 @@ def build(tmp_path, **kw):
     ({'train.learning_rate': ('loguniform', 1e-4, 1e-2)}, 'kind one of log_uniform, uniform'),
     ({'train.learning_rate': ('log_uniform', 0.0, 1e-2)}, 'log_uniform needs low > 0'),
     ({'train.learning_rate': ('uniform', 1e-2, 1e-4)}, 'needs numbers low < high'),
-    ({'train.warmup_steps': ('int', 0, 12)},
-     "search 'space' train.warmup_steps=12: train.warmup_steps=12 must be smaller than "
-     'train.steps=12'),
+    ({'data.seq_len': ('int', 32, 512)},
+     "search 'space' data.seq_len=512: data.seq_len=512 exceeds model.max_len=256"),
     ({'model.num_kv_heads': ('choice', [1, 3])}, 'model.num_kv_heads=3'),
 ])
 def test_bad_search_space_fails_before_anything_runs(tmp_path, space, message):

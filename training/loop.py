@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from configs import schema
@@ -196,6 +197,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   schema.validate(config)
   t = config.train
   resume = ckpt_lib.check_resume(workdir, config)
+  if resume and ckpt_lib.Checkpointer.steps(workdir):
+    optim.check_resumed_schedule(ckpt_lib.load_config(workdir).train, t)
+  if optim.short_run_warning(t) and jax.process_index() == 0:
+    logging.warning(optim.short_run_warning(t))
   tokenizer = make_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise schema.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
