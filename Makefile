@@ -16,7 +16,7 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) '$(TORCH)' '.[test,hf,ray,search]'
+	$(PIP) '$(TORCH)' '.[test,hf,ray,search,wandb]'
 	touch $@
 
 setup: $(VENV)/.core

@@ -112,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # 'stop' also ends the run after max_nonfinite_steps in a
                                       # row, 'skip' keeps going (skips are counted in metrics)
       max_nonfinite_steps=10,
+      wandb_project=config_dict.placeholder(str),  # Weights & Biases project; None: off
+                                                     # (metrics.jsonl and TensorBoard always)
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
   return c

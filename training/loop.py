@@ -29,7 +29,7 @@ from training import mesh as mesh_lib
 from training import optim
 from training import preemption
 from training import runinfo
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, check_wandb
 from training.tokenizer import make_tokenizer
 
 
@@ -199,6 +199,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   resume = ckpt_lib.check_resume(workdir, config)
   if resume and ckpt_lib.Checkpointer.steps(workdir):
     optim.check_resumed_schedule(ckpt_lib.load_config(workdir).train, t)
+  check_wandb(t.wandb_project)
   if optim.short_run_warning(t) and jax.process_index() == 0:
     logging.warning(optim.short_run_warning(t))
   tokenizer = make_tokenizer(config.data.tokenizer)
@@ -220,7 +221,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   if jax.process_index() == 0:
     runinfo.record_launch(workdir, config, tokenizer, s.mesh, start)
   end = t.steps if stop_after is None else min(t.steps, stop_after)
-  logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0)
+  logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0,
+                         wandb_project=t.wandb_project, run_config=config.to_dict())
   if start:
     logger.print(f'Resuming {workdir} from step {start}.')
   tokens_per_step = t.batch_size * config.data.seq_len
