@@ -556,3 +556,24 @@ def test_cudnn_matches_xla_on_gpu():
     for a, b in zip(jax.tree.leaves(fn(impl)), jax.tree.leaves(want)):
       a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
       assert np.max(np.abs(a - b)) <= 0.05 * max(1.0, np.max(np.abs(b))), impl
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+def test_cudnn_with_packed_segments_matches_xla_on_gpu():
+  """GPU only: packed rows (segment ids, positions restarting per segment) through 'cudnn'
+  (folded into its mask) == 'xla' in bf16, causal GQA, forward and grads."""
+  q, k, v = qkv(2, 256, 256, 8, 2, 64, jnp.bfloat16, seed=6)
+  seg = jnp.asarray(_packed_ids(np.random.default_rng(6), 2, 256, [90, 40, 100]))
+  pos = jnp.asarray(np.stack([np.concatenate([np.arange((r == i).sum()) for i in np.unique(r)])
+                              for r in np.asarray(seg)]))
+
+  def fn(impl):
+    loss = lambda q, k, v: jnp.sum(dot_product_attention(
+        q, k, v, is_causal=True, query_segment_ids=seg, key_segment_ids=seg,
+        query_positions=pos, key_positions=pos, implementation=impl).astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+  want = fn('xla')
+  for a, b in zip(jax.tree.leaves(fn('cudnn')), jax.tree.leaves(want)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.max(np.abs(a - b)) <= 0.05 * max(1.0, np.max(np.abs(b)))
