@@ -103,18 +103,26 @@ def test_fixed_batches_pad_with_weightless_rows():
   assert batches[-1]['weights'][len(rows) % 4:].sum() == 0
 
 
-def test_train_stream_shards_documents_and_eval_set_is_fixed():
-  docs = unique_docs(np.random.default_rng(2).integers(1, 30, size=80))
+def test_train_stream_shuffles_pieces_shards_them_and_eval_set_is_fixed():
+  docs = unique_docs(np.random.default_rng(2).integers(1, 60, size=80))
   kw = dict(eos_id=EOS, pad_id=PAD, num_bins=4)
+  source = packing.PieceSource(docs, 16, EOS)
+  pieces = [p for d in docs for p in packing.document_pieces(d, 16, EOS)]
+  assert len(source) == len(pieces) and all(
+      np.array_equal(source[i][k], p[k]) for i, p in enumerate(pieces) for k in p)
   seen = []
   for pi in range(2):
     it = iter(packing.packed_train_dataset(docs, 16, 8, 0, process_index=pi, process_count=2,
                                            **kw))
     batches = [next(it) for _ in range(6)]
     assert all(b['inputs'].shape == (4, 16) for b in batches)
-    tokens = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
-    seen.append({(t - 1) // 100 for t in tokens if t != EOS})
-  assert seen[0] and seen[1] and not seen[0] & seen[1]     # processes read disjoint documents
+    rows = [(b['inputs'][r], b['targets'][r], b['segment_ids'][r]) for b in batches
+            for r in range(4)]
+    seen.append({doc_and_offset(x[s == i], y[s == i]) for x, y, s in rows
+                 for i in set(np.unique(s)) - {0}})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]     # processes read disjoint pieces
+  first_docs = [d for d, _ in sorted(seen[0])]
+  assert len(set(first_docs)) > len(first_docs) * 0.6      # pieces of many documents, shuffled
   evals = packing.packed_eval_batches(docs, 16, 4, 3, **kw)
   again = packing.packed_eval_batches(docs, 16, 4, 3, **kw)
   assert len(evals) == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(evals, again)
