@@ -67,11 +67,8 @@ class _Files:
 
 
 def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
+  with open(path, 'rb') as f:   # a tokenizer file: a few MB at most
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def cache_key(data_cfg, files=None, tokenizer=None) -> dict:
