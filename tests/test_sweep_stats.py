@@ -236,3 +236,18 @@ def test_bad_baseline_on_the_command_line_writes_nothing(tmp_path):
   result = sweep_cli(f'--sweep={path}', f'--workdir={workdir}')
   assert result.returncode != 0 and "'baseline'" in result.stderr and 'matches no group' in result.stderr
   assert not workdir.exists()
+
+
+def test_shipped_scaling_and_pruned_search_sweeps_validate():
+  from sweeps import search
+  from tests.conftest import ROOT
+  full = spec.load(os.path.join(ROOT, 'configs', 'sweeps', 'scaling.py'))
+  assert len(full.trials) == 10 and full.scaling == {'x': 'params'}
+  counts = sorted({report.param_count(t.config) for t in full.trials})
+  assert len(counts) == 5 and counts[-1] / counts[0] > 10  # about a decade of parameters
+  assert len(spec.load(os.path.join(ROOT, 'configs', 'sweeps', 'scaling.py:quick')).trials) == 6
+  path = os.path.join(ROOT, 'configs', 'sweeps', 'lr_search.py')
+  for arg, sampler, pruner in [('', 'tpe', None), (':asha', 'tpe', 'asha'),
+                               (':random,median', 'random', 'median')]:
+    s = search.build(spec.load_raw(path + arg), path + arg)
+    assert (s.sampler, s.pruner, s.num_trials) == (sampler, pruner, 10)

@@ -2,7 +2,8 @@
 
   python sweep.py --sweep=configs/sweeps/kv_heads.py --workdir=runs/sweeps/kv_heads
 About 15 minutes on 2 unloaded CPU cores. `:short` is a 2-layer d_model=128 version (8 query
-heads still) of 200 steps over seeds 0 and 1, ~2x cheaper in all (the README's table);
+heads still) of 200 steps over seeds 0 and 1, ~2x cheaper in all (the README's table; its
+summary.csv tests each group against MHA, the baseline);
 `:quick` is the tiny model.
 """
 from sweeps.spec import grid
@@ -19,7 +20,8 @@ def get_sweep(arg: str | None = None):
             'trials': grid({'model.num_kv_heads': [1, 4]})}
   if arg == 'short':
     return {'config': 'configs/default.py', 'base': SHORT,
-            'trials': grid({'model.num_kv_heads': [1, 2, 4, 8]}), 'seeds': [0, 1]}
+            'trials': grid({'model.num_kv_heads': [1, 2, 4, 8]}), 'seeds': [0, 1],
+            'baseline': {'model.num_kv_heads': 8}}
   if arg:
     raise ValueError(f'configs/sweeps/kv_heads.py: unknown variant {arg!r}; choose short or quick.')
   return {'config': 'configs/default.py', 'base': BASE,
