@@ -106,10 +106,9 @@ def checkpointed_step(directory: str) -> int:
 
 def watch(proc: subprocess.Popen, directory: str, steps: int, on_eval) -> int | None:
   """Feeds each new eval line of DIRECTORY/metrics.jsonl to `on_eval(step, eval_loss)` while
-  `proc` runs (the final step's evaluation excepted). When it returns True while the process
-  still runs, the trial is pruned:
-  train.py gets SIGTERM (it checkpoints the current step and exits) and the step is returned;
-  None when the process ended by itself."""
+  `proc` runs (the final step's evaluation excepted). When it answers True while the process
+  still runs, the trial is pruned: train.py gets SIGTERM (it checkpoints the current step and
+  exits) and that eval's step is returned; None when the process ended by itself."""
   seen = set()
   while True:
     ended = proc.poll() is not None
