@@ -132,11 +132,16 @@ def run_trial(directory: str, steps: int, on_eval=None) -> dict:
   failing train.py: the failure is recorded as status 'failed' with the end of its output.
 
   on_eval(step, eval_loss) -> bool: called with each evaluation as it appears in metrics.jsonl;
-  True prunes the trial (status 'pruned', `steps_trained` its last checkpointed step).
+  True prunes the trial (status 'pruned', `steps_trained` its last checkpointed step). A trial
+  finished earlier is not rerun; its evaluations are still passed to on_eval.
   """
   info_path = os.path.join(directory, 'trial.json')
   info = read_json(info_path)
   if is_finished(directory, steps):
+    if on_eval is not None:  # the study still learns its evaluations (no pruning: it finished)
+      for m in read_metrics(directory):
+        if 'eval_loss' in m and m['step'] < steps:
+          on_eval(m['step'], m['eval_loss'])
     if info['status'] != 'done':
       info.update(status='done', error=None)
       write_json(info_path, info)

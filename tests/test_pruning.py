@@ -158,3 +158,13 @@ def test_search_stops_pruned_trials_and_counts_their_steps(tmp_path, monkeypatch
   assert [r['status'] for r in rows][:statuses.count('done')] == ['done'] * statuses.count('done')
   # A rerun asks for nothing more: pruned trials are not resumed.
   assert search.run(workdir, s) == []
+  # A new study over the finished trials' folders reruns none of them but learns their curves.
+  import shutil
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(search.JOURNAL))
+  assert [r['skipped'] for r in search.run(copy, s) if r['status'] == 'done'] == [True] * (
+      statuses.count('done'))
+  again = search.open_study(copy, s)
+  for t, first in zip(again.trials, study.trials):
+    if first.state == optuna.trial.TrialState.COMPLETE and t.state == first.state:
+      assert t.intermediate_values == {k: v for k, v in first.intermediate_values.items()}
