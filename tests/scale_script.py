@@ -112,7 +112,6 @@ def reshard(workdir: str) -> dict:
 def own_rows(cfg) -> bool:
   """Whether this process's first batch is its share (rows i::n) of the one-process batch."""
   from training import data as data_lib
-  from training.tokenizer import make_tokenizer
   tokens = data_lib.load_corpus(cfg.data).train
   args = (tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
   whole = next(iter(data_lib.train_dataset(*args)))

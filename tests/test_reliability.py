@@ -19,7 +19,6 @@ import pytest
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import guards, integrity, loop, mesh as mesh_lib, metrics, preemption
-from training.tokenizer import make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
