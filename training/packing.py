@@ -17,7 +17,8 @@ target), targets (target + EOS), weights, segment_ids, positions [T]. Pair k of 
 segment id k on both sides, so the encoder, the decoder and the cross attention mask by it.
 
 Training shuffles pieces, not documents (`PieceSource`), so a long document's pieces spread
-over the epoch like the stream's windows. Packing is grain's first-fit (`grain.experimental.FirstFitPackIterDataset`): pieces fill the
+over the epoch like the stream's windows. Packing is grain's first-fit
+(`grain.experimental.FirstFitPackIterDataset`): pieces fill the
 first of `num_bins` open rows with room; when one fits nowhere all rows are emitted. It is
 deterministic, and the iterators' `get_state` / `set_state` resume exactly (the state is the
 upstream position plus the row index, never buffered data).
@@ -53,10 +54,14 @@ def document_pieces(tokens: np.ndarray, seq_len: int, eos_id: int) -> list[dict]
   if not tokens.size:
     return []
   seq = np.concatenate([[eos_id], tokens, [eos_id]]).astype(np.int32)
-  pairs = seq.size - 1
-  return [{'inputs': seq[i:min(i + seq_len, pairs)], 'targets': seq[i + 1:i + seq_len + 1],
-           'weights': np.ones((min(seq_len, pairs - i),), np.float32)}
-          for i in range(0, pairs, seq_len)]
+  return [_piece(seq, i, seq_len) for i in range(0, seq.size - 1, seq_len)]
+
+
+def _piece(seq: np.ndarray, start: int, seq_len: int) -> dict:
+  """The piece of [EOS] + doc + [EOS] (`seq`) whose first pair is pair `start`."""
+  stop = min(start + seq_len, seq.size - 1)
+  return {'inputs': seq[start:stop], 'targets': seq[start + 1:stop + 1],
+          'weights': np.ones((stop - start,), np.float32)}
 
 
 class _Pieces(grain.experimental.FlatMapTransform):
@@ -126,7 +131,9 @@ class PieceSource:
   def __getitem__(self, k: int) -> dict:
     k = int(k)
     doc = int(np.searchsorted(self.first, k, side='right')) - 1
-    return document_pieces(self.documents[doc], self.seq_len, self.eos_id)[k - self.first[doc]]
+    tokens = np.asarray(self.documents[doc])
+    seq = np.concatenate([[self.eos_id], tokens, [self.eos_id]]).astype(np.int32)
+    return _piece(seq, int(k - self.first[doc]) * self.seq_len, self.seq_len)
 
 
 def packed_train_dataset(documents, seq_len: int, batch_size: int, seed: int, *, eos_id: int,
