@@ -1,11 +1,14 @@
 """Train a model: python train.py --config=configs/default.py[:variant] --workdir=DIR [--config.a.b=v].
 
 The same command on an existing DIR resumes from its latest checkpoint; so does
-`python train.py --workdir=DIR` alone (the config is the one DIR was trained with).
+`python train.py --workdir=DIR` alone (the config is the one DIR was trained with), and
+`python train.py --workdir=DIR --config.train.steps=400` continues it with the overrides applied
+to that saved config (fields that may not change on a resume are refused, naming them).
 `--dry_run` compiles the train step for the configured mesh and prints what the run will cost
 (parameters, FLOPs, memory per device, sharding, estimated step time) without training or
 writing anything; it exits non-zero when the step does not fit in device memory.
 """
+import os
 import shlex
 import signal
 import sys
@@ -31,7 +34,8 @@ _DEVICE_MEMORY_GB = flags.DEFINE_float(
 
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'Multi-process runs: host:port of process 0 (see '
-                                   'training/distributed.py; SLURM is detected).')
+                                   'training/distributed.py: SLURM, Open MPI, Kubernetes and '
+                                   'Cloud TPU are detected).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process, 0-based.')
 
@@ -71,16 +75,33 @@ def main(argv):
     sys.exit(128 + signal.Signals[result['stopped']])
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name=V or --name V in argv (the last one given), else None."""
+  value = None
+  for i, a in enumerate(argv):
+    if a.startswith(f'--{name}='):
+      value = a.split('=', 1)[1]
+    elif a == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, after checking `--config.KEY` overrides against the schema."""
+  """absl's parser, after checking `--config.KEY` overrides against the schema. Without
+  --config, overrides apply to the config saved in --workdir (configs/resolved.py:WORKDIR)."""
   try:
     schema.check_override_flags(argv[1:])
   except schema.ConfigError as e:
     raise SystemExit(f'error: {e}') from None
   has_config = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
   if not has_config and any(a.startswith('--config.') for a in argv[1:]):
-    raise SystemExit('error: --config.KEY overrides need --config; to change a saved run use '
-                     '--config=configs/resolved.py:WORKDIR (its saved config) with the overrides.')
+    workdir = _flag_value(argv[1:], 'workdir')
+    if workdir is None or not os.path.isfile(checkpoint.config_path(workdir)):
+      where = 'no --workdir' if workdir is None else f'--workdir={workdir} holds no config.json'
+      raise SystemExit(f'error: --config.KEY overrides need --config=FILE, or the --workdir of an '
+                       f'existing run (they then apply to its saved config); {where}.')
+    resolved = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'resolved.py')
+    argv = [argv[0], f'--config={resolved}:{workdir}', *argv[1:]]
   return app.parse_flags_with_usage(argv)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -45,6 +46,21 @@ MODEL_SHAPE_PREFIXES = ('model.',)
 MODEL_SHAPE_EXEMPT = ('model.attention', 'model.dtype', 'model.scan_layers', 'model.remat',
                       'model.sliding_window', 'model.max_len', 'model.attention_block_q',
                       'model.attention_block_kv', 'model.window_pattern')
+
+
+# Fields a resumed run may change: how far it trains, how it is logged, evaluated, checkpointed,
+# computed and sharded, never what it trains on or the state it continues. Every other field is
+# fixed once a run has a checkpoint (prefixes end with '.'). data.num_workers is fixed: grain's
+# saved iterator position is per worker and does not carry over to another worker count.
+RESUME_ELASTIC = (
+    'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+    'train.checkpoint_every', 'train.keep_checkpoints', 'train.nonfinite',
+    'train.max_nonfinite_steps', 'train.grad_accum_steps', 'data.prepare_workers',
+    'data.cache_dir', 'model.attention', 'model.attention_block_q', 'model.attention_block_kv',
+    'model.dtype', 'model.remat', 'model.scan_layers', 'model.max_len', 'mesh.')
+# LMX_MAX_STEPS=N caps train.steps and these (smoke tests of documented commands).
+STEP_INTERVALS = ('log_every', 'eval_every', 'checkpoint_every', 'eval_batches')
+MAX_STEPS_ENV = 'LMX_MAX_STEPS'
 
 
 class ConfigError(ValueError):
@@ -180,9 +196,31 @@ def _check_window_pattern(m) -> None:
                       'model.scan_layers=False (or a pattern of one kind).')
 
 
+def cap_steps(config: ml_collections.ConfigDict) -> None:
+  """With LMX_MAX_STEPS=N in the environment, caps train.steps at N in place, and the log, eval
+  and checkpoint intervals and eval_batches with it (warmup stays below the steps). Idempotent.
+  The README test runs every documented command this way; `validate` calls it, so train.py,
+  sweeps and imports all shrink alike."""
+  value = os.environ.get(MAX_STEPS_ENV, '')
+  if not value:
+    return
+  if not value.isdigit() or int(value) < 1:
+    raise ConfigError(f'environment variable {MAX_STEPS_ENV}={value!r}: must be a positive '
+                      'integer.')
+  t = config.train
+  if not all(isinstance(t[k], int) for k in ('steps', 'warmup_steps', *STEP_INTERVALS)):
+    return  # validate names the bad field
+  t.steps = min(t.steps, int(value))
+  for key in STEP_INTERVALS:
+    t[key] = min(t[key], t.steps)
+  t.warmup_steps = min(t.warmup_steps, t.steps - 1)
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every field; raises ConfigError naming the first bad field. Returns `config`."""
+  """Checks every field; raises ConfigError naming the first bad field. Returns `config`
+  (step counts capped first when LMX_MAX_STEPS is set: `cap_steps`)."""
   check_keys(flatten(config.to_dict()))
+  cap_steps(config)
   for path, allowed in ENUMS.items():
     value = _get(config, path)
     if value not in allowed:
@@ -282,6 +320,26 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     loaded['mesh.rules'] = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                                  for name, axes in loaded['mesh.rules'])
   return apply_overrides(base_config(), loaded, where='saved config')
+
+
+def _is_elastic(key: str) -> bool:
+  return any(key == e or (e.endswith('.') and key.startswith(e)) for e in RESUME_ELASTIC)
+
+
+def resume_differences(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
+                       fresh_start: bool = False) -> tuple[list[str], list[str]]:
+  """(fixed, elastic): the fields that differ between a run's saved config and the config it
+  is resumed with, as 'train.steps: 200 -> 400'. A resume with any `fixed` difference must be
+  refused. fresh_start: the checkpoint holds no training progress (an imported model's step 0):
+  only the model's parameter shapes are fixed then."""
+  a, b = flatten(saved.to_dict()), flatten(new.to_dict())
+  changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  line = lambda k: f'{k}: {a.get(k)!r} -> {b.get(k)!r}'
+  if fresh_start:
+    fixed = set(k.split(':')[0] for k in shape_differences(saved, new))
+  else:
+    fixed = {k for k in changed if not _is_elastic(k)}
+  return [line(k) for k in changed if k in fixed], [line(k) for k in changed if k not in fixed]
 
 
 def shape_differences(saved: ml_collections.ConfigDict,

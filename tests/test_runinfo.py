@@ -55,11 +55,11 @@ def test_run_json_then_resume_from_workdir_alone(tiny_config, tmp_path):
   assert steps == list(range(1, 21))
 
 
-def test_overrides_without_config_point_to_resolved(tmp_path):
+def test_overrides_without_config_need_a_saved_run(tmp_path):
   proc = subprocess.run([sys.executable, 'train.py', f'--workdir={tmp_path}',
                          '--config.train.steps=5'], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1] == (
-      'error: --config.KEY overrides need --config; to change a saved run use '
-      '--config=configs/resolved.py:WORKDIR (its saved config) with the overrides.')
+      'error: --config.KEY overrides need --config=FILE, or the --workdir of an existing run '
+      f'(they then apply to its saved config); --workdir={tmp_path} holds no config.json.')

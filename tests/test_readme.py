@@ -1,0 +1,147 @@
+"""Every command the README shows, taken from the README text itself, run in README order.
+
+Commands: lines of ```bash blocks that start with `.venv/bin/python` (backslash continuations
+joined, `# comments` and `[optional]` arguments dropped), `python ...` lines of plain blocks,
+and `$ python ...` lines whose documented output (the lines after them) must appear in what
+they print; ```python blocks run as scripts. All of them share one folder (a mirror of the
+checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3 (configs.schema.cap_steps),
+so each training run is a few steps. The Hugging Face commands read a tiny Llama the test saves
+at the README's `path/to/Llama-3.2-1B`, and fine-tune on a `notes/` folder it writes.
+A command that exits non-zero (or lacks its documented output) fails. SKIPS lists, with
+reasons, the commands that cannot run here; sweep commands are slow-marked.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+MAX_STEPS = '3'
+# Substring of a command -> why it is not run here.
+SKIPS = {
+    'make ': 'the make targets: `make test` is this suite, `make demo` trains the full default '
+             'model (its train.py and sample.py commands are the ones below)',
+    '--coordinator_address': 'needs a second host',
+    'configs/gpt2.py': 'GPT-2 124M on 8 devices takes minutes a step on CPU; tests/test_scale.py '
+                       'trains its :smoke variant on 8 simulated devices',
+}
+SLOW = ('sweep.py',)
+NOT_MIRRORED = {'.git', '.venv', 'runs', 'exported', 'notes', 'path'}
+
+
+def _commands_of_shell_block(text: str) -> list[str]:
+  out = []
+  for line in text.replace('\\\n', ' ').splitlines():
+    words = [w for w in shlex.split(line, comments=True)
+             if not (w.startswith('[') and w.endswith(']'))]
+    if words:
+      out.append(shlex.join(words))
+  return out
+
+
+def readme_commands(path: str = os.path.join(ROOT, 'README.md')) -> list[tuple]:
+  """[(kind, text, expected output lines)] in README order; kind 'shell' or 'python'."""
+  with open(path) as f:
+    readme = f.read()
+  out = []
+  for lang, body in re.findall(r'^```(\w*)\n(.*?)^```', readme, flags=re.S | re.M):
+    if lang == 'bash':
+      out += [('shell', c, []) for c in _commands_of_shell_block(body)]
+    elif lang == 'python':
+      out.append(('python', body, []))
+    elif lang == '':
+      lines = body.splitlines()
+      for i, line in enumerate(lines):
+        if line.startswith('$ '):
+          expected = []
+          for nxt in lines[i + 1:]:
+            if not nxt.strip() or nxt.startswith('$ '):
+              break
+            expected.append(nxt)
+          out.append(('shell', line[2:], expected))
+        elif line.startswith('python '):
+          out.append(('shell', line, []))
+  return out
+
+
+def _params():
+  params = []
+  for i, (kind, text, expected) in enumerate(readme_commands()):
+    first = text.strip().splitlines()[0][:70]
+    marks = []
+    skip = next((why for key, why in SKIPS.items() if key in text), None) if kind == 'shell' else None
+    if kind == 'python':
+      try:
+        compile(text, 'README.md', 'exec')
+      except SyntaxError:
+        skip = 'an illustrative fragment (not a whole program)'
+    if skip:
+      marks.append(pytest.mark.skip(reason=skip))
+    if any(s in text for s in SLOW):
+      marks.append(pytest.mark.slow)
+    params.append(pytest.param(kind, text, expected, marks=marks, id=f'{i:02d} {first}'))
+  return params
+
+
+@pytest.fixture(scope='module')
+def checkout(tmp_path_factory):
+  """A folder mirroring the checkout (symlinks), with the inputs the README's commands name."""
+  root = tmp_path_factory.mktemp('readme')
+  for name in os.listdir(ROOT):
+    if name not in NOT_MIRRORED and not name.startswith('.'):
+      os.symlink(os.path.join(ROOT, name), root / name)
+  (root / 'notes').mkdir()
+  try:
+    import transformers
+    from tests.test_hf import COMMON, FAMILIES, TEXT, write_tokenizer
+  except (ImportError, pytest.skip.Exception):
+    return root   # no torch/transformers: the HF commands fail and say why
+  for i in range(4):
+    (root / 'notes' / f'{i}.txt').write_text(TEXT * 20)
+  hf = root / 'path' / 'to' / 'Llama-3.2-1B'
+  config_cls, model_cls, extra = FAMILIES['llama']   # long enough for sample.py's defaults
+  config = getattr(transformers, config_cls)(**{**COMMON, 'max_position_embeddings': 512},
+                                             **extra)
+  getattr(transformers, model_cls)(config).save_pretrained(str(hf))
+  write_tokenizer(str(hf))
+  return root
+
+
+def _env():
+  env = dict(os.environ, LMX_MAX_STEPS=MAX_STEPS, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
+             LMX_NO_REEXEC='1')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def test_commands_are_found():
+  """The parser sees the README's sections (so a reformatted README cannot silently run none)."""
+  texts = [t for _, t, _ in readme_commands()]
+  for needle in ('train.py --config=configs/default.py:tiny', 'sample.py --workdir=runs/tiny',
+                 '-m interop.hf --from_hf=path/to/Llama-3.2-1B', 'configs/encdec.py:reversal',
+                 'sweep.py --sweep=configs/sweeps/kv_heads.py', '--dry_run',
+                 'from sampling.load import load_workdir', '--config.model.num_kv_head=1'):
+    assert any(needle in t for t in texts), needle
+  shell = [t for kind, t, _ in readme_commands() if kind == 'shell']
+  assert not any(' [' in t for t in shell)   # optional args dropped
+
+
+@pytest.mark.parametrize('kind, text, expected', _params())
+def test_readme_command(checkout, kind, text, expected):
+  if kind == 'python':
+    args = [sys.executable, '-c', text]
+  else:
+    words = shlex.split(text)
+    assert words[0] in ('.venv/bin/python', 'python'), text
+    args = [sys.executable, *words[1:]]
+  r = subprocess.run(args, cwd=checkout, env=_env(), capture_output=True, text=True, timeout=600)
+  output = r.stdout + r.stderr
+  if expected:
+    for line in expected:
+      assert line in output, f'{text}\n--- printed:\n{output[-3000:]}'
+  else:
+    assert r.returncode == 0, f'{text}\n--- exit {r.returncode}:\n{output[-3000:]}'
