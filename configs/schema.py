@@ -52,9 +52,12 @@ MODEL_SHAPE_EXEMPT = ('model.attention', 'model.dtype', 'model.scan_layers', 'mo
 # computed and sharded, never what it trains on or the state it continues. Every other field is
 # fixed once a run has a checkpoint (prefixes end with '.'). data.num_workers is fixed: grain's
 # saved iterator position is per worker and does not carry over to another worker count.
+# train.warmup_steps changes only the rates still to come, except in a short run (fewer steps
+# than warmup), which optim.check_resumed_schedule guards.
 RESUME_ELASTIC = (
-    'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-    'train.checkpoint_every', 'train.keep_checkpoints', 'train.nonfinite',
+    'train.steps', 'train.warmup_steps', 'train.log_every', 'train.eval_every',
+    'train.eval_batches',
+    'train.checkpoint_every', 'train.keep_checkpoints', 'train.nonfinite', 'train.wandb_project',
     'train.max_nonfinite_steps', 'train.grad_accum_steps', 'data.prepare_workers',
     'data.cache_dir', 'model.attention', 'model.attention_block_q', 'model.attention_block_kv',
     'model.dtype', 'model.remat', 'model.scan_layers', 'model.max_len', 'mesh.')

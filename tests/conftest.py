@@ -28,3 +28,16 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
   """`python ARGS...` run in the repository root: the CompletedProcess, with text stdout/stderr."""
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+  """A finished tiny run with checkpoints 10, 15, 20 (keep 3), and its config. Read-only: copy
+  the workdir before changing it."""
+  from training import loop
+  cfg = schema.apply_overrides(default.get_config('tiny'), {
+      'train.steps': 20, 'train.checkpoint_every': 5, 'train.log_every': 1,
+      'train.eval_every': 100})
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  loop.train(cfg, workdir)
+  return cfg, workdir

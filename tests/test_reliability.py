@@ -203,18 +203,6 @@ def test_kill_9_at_random_moments_resumes_exactly(tmp_path):
 
 # ---------------------------------------------------------------------------- damaged checkpoints
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished tiny run with checkpoints 10, 15, 20 (keep 3), and its config."""
-  from configs import default, schema
-  cfg = schema.apply_overrides(default.get_config('tiny'), {
-      'train.steps': 20, 'train.checkpoint_every': 5, 'train.log_every': 1,
-      'train.eval_every': 100})
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  loop.train(cfg, workdir)
-  return cfg, workdir
-
-
 def _largest_file(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
            if f != integrity.MANIFEST]

@@ -189,6 +189,41 @@ def test_distributed_settings_from_flags_env_and_slurm(monkeypatch):
   assert distributed.settings() == {}   # jax.distributed detects SLURM by itself
 
 
+CLUSTERS = {
+    'SLURM': {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'},
+    'Open MPI': {'OMPI_MCA_orte_hnp_uri': '1234.0;tcp://10.0.0.1:5000',
+                 'OMPI_COMM_WORLD_SIZE': '2'},
+    'Kubernetes': {'KUBERNETES_SERVICE_HOST': '10.96.0.1', 'JOB_COMPLETION_INDEX': '1'},
+    'Cloud TPU': {'TPU_WORKER_HOSTNAMES': 'w-0,w-1'},
+}
+CLUSTER_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+                'TPU_PROCESS_ADDRESSES', *{v for env in CLUSTERS.values() for v in env})
+
+
+@pytest.mark.parametrize('cluster', CLUSTERS)
+def test_cluster_environments_initialize_jax_distributed_and_flags_override(cluster,
+                                                                              monkeypatch):
+  """Each cluster JAX detects starts jax.distributed with no arguments (JAX reads the rest);
+  flags still win; one task, rank or host stays single-process."""
+  from training import distributed
+  for var in CLUSTER_VARS:
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)   # keep this process's backend
+  assert not distributed.initialize() and distributed.cluster_environment() is None
+  for var, value in CLUSTERS[cluster].items():
+    monkeypatch.setenv(var, value)
+  assert distributed.cluster_environment() == cluster
+  assert distributed.initialize() and calls == [{}]
+  assert distributed.initialize(process_id=1, coordinator_address='h:9') and calls[-1] == {
+      'coordinator_address': 'h:9', 'process_id': 1}
+  single = {'SLURM_NTASKS': '1', 'OMPI_COMM_WORLD_SIZE': '1', 'TPU_WORKER_HOSTNAMES': 'w-0'}
+  if cluster != 'Kubernetes':
+    monkeypatch.setenv(*next((k, v) for k, v in single.items() if k in CLUSTERS[cluster]))
+    assert distributed.cluster_environment() is None and distributed.settings() is None
+
+
 def test_validation_rejects_rules_with_unknown_mesh_axes(tiny_config):
   from configs import schema
   with pytest.raises(schema.ConfigError, match="'heads' maps to unknown mesh axis 'model'"):

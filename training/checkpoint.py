@@ -12,6 +12,8 @@ import sys
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -36,19 +38,27 @@ def load_config(workdir: str):
     return schema.from_json(f.read())
 
 
-def check_resume(workdir: str, config) -> bool:
-  """True when `workdir` already holds a run of the same model; raises if the model differs."""
+def check_resume(workdir: str, config) -> list[str] | None:
+  """None when `workdir` holds no run yet; else the elastic changes ('train.steps: 200 -> 400')
+  with which `config` continues the run there. Raises WorkdirError naming every fixed field
+  that differs (configs.schema.RESUME_ELASTIC lists what may change). A run whose newest
+  checkpoint holds no data position (an imported model's step 0) may change everything but the
+  model's parameter shapes: its training starts there."""
   if not os.path.isfile(config_path(workdir)):
     if Checkpointer.exists(workdir):
       raise WorkdirError(f'--workdir={workdir} holds checkpoints but no config.json; refusing to '
                          'resume or overwrite it.')
-    return False
-  differences = schema.shape_differences(load_config(workdir), config)
-  if differences:
-    raise WorkdirError(f'--workdir={workdir} holds a run of a different model; refusing to '
-                       f'overwrite it. Differing fields: {"; ".join(differences)}. Use a new '
-                       '--workdir, or the saved values to resume.')
-  return True
+    return None
+  steps = Checkpointer.steps(workdir)
+  fresh = not steps or not os.path.isdir(os.path.join(workdir, 'checkpoints', str(steps[-1]),
+                                                      'data'))
+  fixed, elastic = schema.resume_differences(load_config(workdir), config, fresh_start=fresh)
+  if fixed:
+    what = 'a different model' if all(f.startswith('model.') for f in fixed) else 'a different run'
+    raise WorkdirError(f'--workdir={workdir} holds {what}; refusing to resume it with: '
+                       f'{"; ".join(fixed)} (saved -> given). These fields are fixed once a run '
+                       'has started: use a new --workdir, or the saved values to resume.')
+  return elastic
 
 
 def write_config(workdir: str, config) -> None:
@@ -92,6 +102,19 @@ def _write_manifest_once(step_dir: str) -> None:
     multihost_utils.sync_global_devices(f'lmx: manifest of {step_dir}')
 
 
+def _nonfinite_leaf(state) -> str | None:
+  """What an unchecksummed step is checked for once restored: every float array finite.
+  (Reduced on the devices, so sharded arrays of a multi-process run work too.)"""
+  leaves = [(jax.tree_util.keystr(path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
+  for (name, _), ok in zip(leaves, finite):
+    if not bool(np.asarray(ok)):
+      return f'it was never checksummed and {name} holds non-finite values'
+  return None
+
+
 class Checkpointer:
   """Keeps the last `keep` checksummed checkpoints of {state, data iterator} under
   WORKDIR/checkpoints (pruning is done here, not by orbax, so that the last good step is never
@@ -105,9 +128,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler()})
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
     self._unsealed: int | None = None   # saved, but its manifest is not written yet
     self.restored_step: int | None = None
+    self.restored_meta: dict = {}   # the restored step's `meta` ({} for older checkpoints)
 
   @staticmethod
   def steps(workdir: str) -> list[int]:
@@ -125,22 +150,42 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.manager.directory, str(step))
 
-  def save(self, step: int, state, data_iter=None) -> None:
-    """Starts an asynchronous save; the previous one is sealed (checksummed) first."""
+  def save(self, step: int, state, data_iter=None, meta: dict | None = None) -> None:
+    """Starts an asynchronous save; the previous one is sealed (checksummed) first.
+    meta: small JSON-able facts about the run at this step (restored as `restored_meta`)."""
     self._seal()
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if meta is not None:
+      items['meta'] = ocp.args.JsonSave(meta)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as e:
+      raise self._save_failed(step, e) from e
     self._unsealed = step
 
+  def _save_failed(self, step: int, error: BaseException) -> 'WorkdirError':
+    """The error a failed (background) save ends the run with: the workdir, the step, the cause,
+    and what is still there to resume from."""
+    sealed = [s for s in self.steps(self.workdir)
+              if s != step and integrity.has_manifest(self.step_dir(s))]
+    left = (f'checkpoint {sealed[-1]} and older are intact; fix the cause and rerun the same '
+            f'command to resume from step {sealed[-1]}' if sealed else 'no earlier checkpoint')
+    return WorkdirError(f'--workdir={self.workdir}: saving checkpoint {step} failed '
+                        f'({type(error).__name__}: {error}); {left}.')
+
   def _seal(self) -> None:
-    """Waits for the pending save, writes its manifest, then prunes old steps."""
+    """Waits for the pending save, writes its manifest, then prunes old steps. An error of the
+    background save (a full disk, an I/O error) is raised here as a WorkdirError."""
     if self._unsealed is None:
       return
-    self.manager.wait_until_finished()
-    _write_manifest_once(self.step_dir(self._unsealed))
-    self._unsealed = None
+    step, self._unsealed = self._unsealed, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (whatever the writer raised in the background)
+      raise self._save_failed(step, e) from e
+    _write_manifest_once(self.step_dir(step))
     sealed = [s for s in self.manager.all_steps() if integrity.has_manifest(self.step_dir(s))]
     if len(sealed) > self.keep:
       for s in self.manager.all_steps():
@@ -163,15 +208,18 @@ class Checkpointer:
       problem = integrity.verify(self.step_dir(s))
       if problem is None:
         try:
-          state = self._restore(s, abstract_state, data_iter)
+          state, meta = self._restore(s, abstract_state, data_iter)
         except WorkdirError:  # the config does not describe this model: not damage
           raise
         except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
           problem = f'restoring it failed: {type(e).__name__}: {str(e)[:300]}'
+        else:
+          if not integrity.has_manifest(self.step_dir(s)):  # committed, never checksummed
+            problem = _nonfinite_leaf(state)
       if problem is not None:
         problems.append((s, problem))
         continue
-      self.restored_step = s
+      self.restored_step, self.restored_meta = s, meta
       if not self.read_only and not integrity.has_manifest(self.step_dir(s)):
         _write_manifest_once(self.step_dir(s))  # committed before a kill: seal it now
       for bad, why in problems:
@@ -187,12 +235,17 @@ class Checkpointer:
     raise WorkdirError(f'--workdir={self.workdir}: no checkpoint could be restored ({detail}). '
                        'Nothing was changed.')
 
-  def _restore(self, step: int, abstract_state, data_iter):
-    check_param_shapes(abstract_state['params'], self.manager.item_metadata(step)['state']['params'])
+  def _restore(self, step: int, abstract_state, data_iter) -> tuple[object, dict]:
+    """(state, meta) of `step`; meta is {} when the checkpoint has none."""
+    saved = self.manager.item_metadata(step)
+    check_param_shapes(abstract_state['params'], saved['state']['params'])
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None and 'data' in self.manager.item_metadata(step):
+    if data_iter is not None and 'data' in saved:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    if os.path.isdir(os.path.join(self.step_dir(step), 'meta')):
+      items['meta'] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state'], dict(restored['meta']) if 'meta' in items else {}
 
   def close(self) -> None:
     self._seal()

@@ -1,10 +1,12 @@
-"""Multi-process start-up: `jax.distributed` from flags, the environment, or SLURM.
+"""Multi-process start-up: `jax.distributed` from flags, the environment, or a cluster.
 
 One process per host (or per GPU); every process runs the same command. Sources, first wins:
 flags (--coordinator_address, --num_processes, --process_id), the environment variables
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM job step with more
-than one task (JAX reads SLURM_* itself). Without any of them the run is single-process.
-Must run before anything touches a JAX device.
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then a multi-process cluster
+environment that `jax.distributed.initialize()` detects by itself: a SLURM job step with more
+than one task, Open MPI (mpirun) with more than one rank, a Kubernetes indexed Job, or a
+multi-host Cloud TPU slice. Inside a cluster, flags given still override what JAX detects.
+Without any of them the run is single-process. Must run before anything touches a JAX device.
 """
 from __future__ import annotations
 
@@ -24,16 +26,36 @@ def _from_env(name: str) -> int | None:
   return int(value)
 
 
+def cluster_environment() -> str | None:
+  """The multi-process cluster this process runs in, as JAX's own detection would find it
+  (jax/_src/clusters), or None; only the environment is read (no network)."""
+  env = os.environ
+  if 'SLURM_JOB_ID' in env and (_from_env('SLURM_NTASKS') or 0) > 1:
+    return 'SLURM'
+  if 'OMPI_MCA_orte_hnp_uri' in env and (_from_env('OMPI_COMM_WORLD_SIZE') or 0) > 1:
+    return 'Open MPI'
+  if 'KUBERNETES_SERVICE_HOST' in env and 'JOB_COMPLETION_INDEX' in env:
+    return 'Kubernetes'
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
+  if len([h for h in hosts.split(',') if h.strip()]) > 1:
+    return 'Cloud TPU'
+  return None
+
+
 def settings(coordinator_address: str | None = None, num_processes: int | None = None,
              process_id: int | None = None) -> dict | None:
-  """The `jax.distributed.initialize` arguments these sources give; {} = SLURM auto-detection;
-  None = single process. Raises ConfigError for incomplete or inconsistent settings."""
+  """The `jax.distributed.initialize` arguments these sources give; in a cluster environment
+  only those given explicitly (JAX detects the rest; {} = all detected); None = single
+  process. Raises ConfigError for incomplete or inconsistent settings outside a cluster."""
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
   n = num_processes if num_processes is not None else _from_env('JAX_NUM_PROCESSES')
   i = process_id if process_id is not None else _from_env('JAX_PROCESS_ID')
-  if address is None and n is None and i is None:
-    slurm_tasks = _from_env('SLURM_NTASKS') if 'SLURM_JOB_ID' in os.environ else None
-    return {} if slurm_tasks and slurm_tasks > 1 else None
+  given = {k: v for k, v in (('coordinator_address', address), ('num_processes', n),
+                             ('process_id', i)) if v is not None}
+  if cluster_environment() is not None and len(given) < 3:
+    return given
+  if not given:
+    return None
   if address is None or n is None or i is None:
     missing = [f for f, v in (('--coordinator_address', address), ('--num_processes', n),
                               ('--process_id', i)) if v is None]
@@ -45,7 +67,7 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
   if n < 1 or not 0 <= i < n:
     raise ConfigError(f'--process_id={i} with --num_processes={n}: need 0 <= process_id < '
                       'num_processes.')
-  return {'coordinator_address': address, 'num_processes': n, 'process_id': i}
+  return given
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import time
 
 import jax
@@ -196,8 +197,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """
   schema.validate(config)
   t = config.train
-  resume = ckpt_lib.check_resume(workdir, config)
-  if resume and ckpt_lib.Checkpointer.steps(workdir):
+  changes = ckpt_lib.check_resume(workdir, config)
+  if changes is not None and ckpt_lib.Checkpointer.steps(workdir):
     optim.check_resumed_schedule(ckpt_lib.load_config(workdir).train, t)
   check_wandb(t.wandb_project)
   if optim.short_run_warning(t) and jax.process_index() == 0:
@@ -213,8 +214,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   ckpt_lib.write_config(workdir, config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   data_iter = iter(train_ds)
-  if resume and checkpointer.latest_step() is not None:
+  nonfinite = guards.NonfiniteGuard(t.nonfinite, t.max_nonfinite_steps)
+  if changes is not None and checkpointer.latest_step() is not None:
     state = checkpointer.restore(s.abstract_state, data_iter)
+    nonfinite.in_a_row = checkpointer.restored_meta.get('nonfinite_in_a_row', 0)
   else:
     state = s.init_state()
   start = int(state['step'])
@@ -224,10 +227,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0,
                          wandb_project=t.wandb_project, run_config=config.to_dict())
   if start:
-    logger.print(f'Resuming {workdir} from step {start}.')
+    logger.print(f'Resuming {workdir} from step {start}'
+                 + (f' with changes: {"; ".join(changes)}.' if changes else '.'))
   tokens_per_step = t.batch_size * config.data.seq_len
   last_time, last_step, metrics, evals = time.time(), start, None, {}
-  nonfinite = guards.NonfiniteGuard(t.nonfinite, t.max_nonfinite_steps)
   with preemption.StopSignal() as stop, contextlib.closing(checkpointer), \
       contextlib.closing(logger):
     for step in range(start + 1, end + 1):
@@ -249,12 +252,17 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         evals = eval_metrics(s, state['params'], eval_set, tokenizer)
         logger.write(step, evals)
         last_time = time.time()  # evaluation time is not training throughput
-      if step % t.checkpoint_every == 0 or step == end or stop.requested:
+      stopping = stop.agree()
+      if step % t.checkpoint_every == 0 or step == end or stopping:
         nonfinite.settle()  # a run stopped for NaNs saves nothing after them
-        checkpointer.save(step, state, data_iter)
+        checkpointer.save(step, state, data_iter, meta={'nonfinite_in_a_row': nonfinite.in_a_row})
       logger.advance(step)
-      if stop.requested:
-        logger.print(f'Stopped by {stop.name} after step {step}; checkpoint saved in {workdir}.')
+      if stopping:
+        note = f'Stopped by {stop.name} after step {step}; checkpoint saved in {workdir}.'
+        if jax.process_index() == 0:
+          logger.print(note)
+        else:   # each process says where it stopped (the same step: StopSignal.agree)
+          print(f'process {jax.process_index()}: {note}', file=sys.stderr)
         break
   result = {'step': int(state['step']), 'loss': None if metrics is None else float(metrics['loss']),
             'eval_loss': None, 'unigram_entropy': baseline, **evals, 'stopped': stop.name or None}

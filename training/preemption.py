@@ -3,13 +3,19 @@
 orbax's own preemption check only works under `jax.distributed`, so a single-process run would
 die with nothing saved on a scheduler's SIGTERM. `StopSignal` turns the first SIGTERM or SIGINT
 into a flag the training loop reads after each step; a second one of the same signal gets the
-default behaviour (Ctrl-C twice aborts at once, without saving).
+default behaviour (Ctrl-C twice aborts at once, without saving). In multi-process runs the
+signal may reach one process only: `agree` shares it after every step, so that all processes
+stop after the same step and save one checkpoint together.
 """
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -23,6 +29,15 @@ class StopSignal:
   def __init__(self):
     self.signal: int | None = None
     self._previous: dict = {}
+
+  def agree(self) -> bool:
+    """Whether to stop after this step, the same answer on every process: a signal received by
+    any process counts for all (one tiny allgather per call when there are several)."""
+    if jax.process_count() > 1:
+      received = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
+      if self.signal is None and received:
+        self.signal = received
+    return self.requested
 
   @property
   def requested(self) -> bool:
