@@ -169,11 +169,17 @@ def main(root: str, points: int, seed: int) -> None:
   duration = counted[-1]['end'] - next(x['start'] for x in counted if 'start' in x)
   rng = random.Random(seed)
   timed = max(points // 6, 1)
-  # Every call outside orbax's own writes (checksums, pruning, data position), then random
-  # orbax calls up to the number asked for, then kills at random moments.
-  chosen = {k for k, p in calls.items() if p != 'orbax write/commit'}
-  rest = sorted(set(calls) - chosen)
-  chosen |= set(rng.sample(rest, max(0, min(len(rest), points - timed - len(chosen)))))
+  # Every call of the checksums and the data position, a quarter of the hooked points in the
+  # pruning (rmtree makes one call per file), the rest in orbax's writes and commit.
+  by_phase = {}
+  for k, p in sorted(calls.items()):
+    by_phase.setdefault(p, []).append(k)
+  hooks = points - timed
+  chosen = set(by_phase.get('checksums', []) + by_phase.get('data position', []))
+  pruning = by_phase.get('pruning', [])
+  chosen |= set(rng.sample(pruning, min(len(pruning), hooks // 4)))
+  rest = by_phase.get('orbax write/commit', [])
+  chosen |= set(rng.sample(rest, max(0, min(len(rest), hooks - len(chosen)))))
   plan = [('hook', k) for k in sorted(chosen)]
   plan += [('timer', round(rng.uniform(0.0, duration), 3)) for _ in range(timed)]
   results = []

@@ -6,7 +6,9 @@ and `$ python ...` lines whose documented output (the lines after them) must app
 they print; ```python blocks run as scripts. All of them share one folder (a mirror of the
 checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3 (configs.schema.cap_steps),
 so each training run is a few steps. The Hugging Face commands read a tiny Llama the test saves
-at the README's `path/to/Llama-3.2-1B`, and fine-tune on a `notes/` folder it writes.
+at the README's `path/to/Llama-3.2-1B`, and fine-tune on a `notes/` folder it writes; the
+"Your data" commands read `corpus/*.jsonl.gz`, `extra/*.parquet` and a `tokenizer.json` it
+writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
 A command that exits non-zero (or lacks its documented output) fails. SKIPS lists, with
 reasons, the commands that cannot run here; sweep commands are slow-marked.
 """
@@ -30,7 +32,8 @@ SKIPS = {
                        'trains its :smoke variant on 8 simulated devices',
 }
 SLOW = ('sweep.py',)
-NOT_MIRRORED = {'.git', '.venv', 'runs', 'exported', 'notes', 'path'}
+NOT_MIRRORED = {'.git', '.venv', 'runs', 'exported', 'notes', 'path', 'corpus', 'extra',
+                'tokenizer.json', 'tokenizer_config.json'}
 
 
 def _commands_of_shell_block(text: str) -> list[str]:
@@ -95,6 +98,7 @@ def checkout(tmp_path_factory):
     if name not in NOT_MIRRORED and not name.startswith('.'):
       os.symlink(os.path.join(ROOT, name), root / name)
   (root / 'notes').mkdir()
+  _write_corpus(root)
   try:
     import transformers
     from tests.test_hf import COMMON, FAMILIES, TEXT, write_tokenizer
@@ -108,12 +112,30 @@ def checkout(tmp_path_factory):
                                              **extra)
   getattr(transformers, model_cls)(config).save_pretrained(str(hf))
   write_tokenizer(str(hf))
+  write_tokenizer(str(root))   # the README's tokenizer.json for its own data
   return root
 
 
-def _env():
+def _write_corpus(root) -> None:
+  """'Your data': corpus/*.jsonl.gz and extra/*.parquet documents (different texts, so that
+  the held-out split by text hash has some)."""
+  import gzip
+  import json
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  words = 'the quick brown fox jumps over the lazy dog near a river that runs to the sea'.split()
+  docs = [' '.join(words[(i * 7 + j) % len(words)] for j in range(400)) for i in range(160)]
+  (root / 'corpus').mkdir()
+  (root / 'extra').mkdir()
+  with gzip.open(root / 'corpus' / 'a.jsonl.gz', 'wt') as f:
+    f.writelines(json.dumps({'text': f'{i}: {d}'}) + '\n' for i, d in enumerate(docs[:80]))
+  pq.write_table(pa.table({'text': [f'{i}: {d}' for i, d in enumerate(docs[80:])]}),
+                 root / 'extra' / 'b.parquet')
+
+
+def _env(home):
   env = dict(os.environ, LMX_MAX_STEPS=MAX_STEPS, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
-             LMX_NO_REEXEC='1')
+             LMX_NO_REEXEC='1', HOME=str(home))   # ~/.cache (token caches) inside the test
   env.pop('XLA_FLAGS', None)
   return env
 
@@ -138,7 +160,8 @@ def test_readme_command(checkout, kind, text, expected):
     words = shlex.split(text)
     assert words[0] in ('.venv/bin/python', 'python'), text
     args = [sys.executable, *words[1:]]
-  r = subprocess.run(args, cwd=checkout, env=_env(), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(args, cwd=checkout, env=_env(checkout), capture_output=True, text=True,
+                     timeout=600)
   output = r.stdout + r.stderr
   if expected:
     for line in expected:

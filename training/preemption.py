@@ -32,11 +32,14 @@ class StopSignal:
 
   def agree(self) -> bool:
     """Whether to stop after this step, the same answer on every process: a signal received by
-    any process counts for all (one tiny allgather per call when there are several)."""
+    any process counts for all (one tiny allgather per call when there are several). The answer
+    is the gathered value only: a signal landing during the gather counts at the next step."""
     if jax.process_count() > 1:
-      received = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
-      if self.signal is None and received:
+      local = self.signal or 0   # a signal arriving after this counts at the next step
+      received = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+      if received and self.signal is None:
         self.signal = received
+      return bool(received)
     return self.requested
 
   @property
@@ -64,6 +67,8 @@ class StopSignal:
   def __enter__(self) -> 'StopSignal':
     if threading.current_thread() is threading.main_thread():
       self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+      for s in SIGNALS:   # restart interrupted system calls (gloo, tensorstore): no EINTR
+        signal.siginterrupt(s, False)
     return self
 
   def __exit__(self, *exc) -> None:
