@@ -19,6 +19,7 @@ from training import checkpoint as ckpt_lib
 from training import guards, integrity, loop, metrics
 from tests.test_reliability import (_assert_trees_equal, _losses, _poison_steps, _restore,
                                     _train_cmd, _wait_for_step)
+from tests.test_scale import _free_port
 
 
 class _NoSpace:
@@ -120,13 +121,6 @@ def test_the_nonfinite_count_survives_a_resume(tiny_config, tmp_path, monkeypatc
     loop.train(cfg, workdir)
   assert [m['skipped_steps'] for m in metrics.read_metrics(workdir) if 'loss' in m] == [
       0, 0, 0, 1, 1]   # step 6 was never logged: the stop came first
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,11 +4,11 @@ Commands: lines of ```bash blocks that start with `.venv/bin/python` (backslash 
 joined, `# comments` and `[optional]` arguments dropped), `python ...` lines of plain blocks,
 and `$ python ...` lines whose documented output (the lines after them) must appear in what
 they print; ```python blocks run as scripts. All of them share one folder (a mirror of the
-checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3 (configs.schema.cap_steps),
-so each training run is a few steps. The Hugging Face commands read a tiny Llama the test saves
-at the README's `path/to/Llama-3.2-1B`, and fine-tune on a `notes/` folder it writes; the
-"Your data" commands read `corpus/*.jsonl.gz`, `extra/*.parquet` and a `tokenizer.json` it
-writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
+checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3
+(configs.schema.cap_steps), so each training run is a few steps. The Hugging Face commands
+read a tiny Llama the test saves at the README's `path/to/Llama-3.2-1B`, and fine-tune on a
+`notes/` folder it writes; the "Your data" commands read `corpus/*.jsonl.gz`,
+`extra/*.parquet` and a `tokenizer.json` it writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
 A command that exits non-zero (or lacks its documented output) fails. SKIPS lists, with
 reasons, the commands that cannot run here; sweep commands are slow-marked.
 """
@@ -76,7 +76,9 @@ def _params():
   for i, (kind, text, expected) in enumerate(readme_commands()):
     first = text.strip().splitlines()[0][:70]
     marks = []
-    skip = next((why for key, why in SKIPS.items() if key in text), None) if kind == 'shell' else None
+    skip = None
+    if kind == 'shell':
+      skip = next((why for key, why in SKIPS.items() if key in text), None)
     if kind == 'python':
       try:
         compile(text, 'README.md', 'exec')

@@ -32,8 +32,8 @@ def test_fixed_fields_are_refused_naming_them(tiny_config, tmp_path, field, valu
   cfg = tiny_config()
   workdir = _workdir_with_run(tmp_path, cfg)
   saved = schema.flatten(cfg.to_dict())[field]
-  with pytest.raises(ckpt_lib.WorkdirError,
-                     match=re.escape(f'refusing to resume it with: {field}: {saved!r} -> {value!r} ')):
+  expected = f'refusing to resume it with: {field}: {saved!r} -> {value!r} '
+  with pytest.raises(ckpt_lib.WorkdirError, match=re.escape(expected)):
     ckpt_lib.check_resume(workdir, schema.apply_overrides(cfg, {field: value}))
   assert schema.from_json((tmp_path / 'config.json').read_text()) == cfg   # nothing written
 
