@@ -56,11 +56,11 @@ MODEL_SHAPE_EXEMPT = ('model.attention', 'model.dtype', 'model.scan_layers', 'mo
 # than warmup), which optim.check_resumed_schedule guards.
 RESUME_ELASTIC = (
     'train.steps', 'train.warmup_steps', 'train.log_every', 'train.eval_every',
-    'train.eval_batches',
-    'train.checkpoint_every', 'train.keep_checkpoints', 'train.nonfinite', 'train.wandb_project',
-    'train.max_nonfinite_steps', 'train.grad_accum_steps', 'data.prepare_workers',
-    'data.cache_dir', 'model.attention', 'model.attention_block_q', 'model.attention_block_kv',
-    'model.dtype', 'model.remat', 'model.scan_layers', 'model.max_len', 'mesh.')
+    'train.eval_batches', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.nonfinite',
+    'train.max_nonfinite_steps', 'train.grad_accum_steps', 'train.wandb_project',
+    'data.prepare_workers', 'data.cache_dir', 'model.attention', 'model.attention_block_q',
+    'model.attention_block_kv', 'model.dtype', 'model.remat', 'model.scan_layers',
+    'model.max_len', 'mesh.')
 # LMX_MAX_STEPS=N caps train.steps and these (smoke tests of documented commands).
 STEP_INTERVALS = ('log_every', 'eval_every', 'checkpoint_every', 'eval_batches')
 MAX_STEPS_ENV = 'LMX_MAX_STEPS'
