@@ -12,10 +12,13 @@ from absl import app, flags, logging
 from sampling import encdec
 from sampling.load import load_workdir
 from sampling.sampler import Sampler, stream_text
+from training.chat import prompt_ids
 from training.checkpoint import WorkdirError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.', required=True)
+_CHAT = flags.DEFINE_bool('chat', False, 'Send --prompt as a user turn through the tokenizer\'s '
+                          'chat template (tokenizer_config.json `chat_template`).')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per sample.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
@@ -70,11 +73,18 @@ def main(argv):
   except WorkdirError as e:
     raise SystemExit(f'error: {e}') from None
   if loaded.config.model.kind == 'encoder_decoder':
+    if _CHAT.value:
+      raise SystemExit('error: --chat is for decoder-only models; this workdir is an '
+                       'encoder-decoder.')
     return sample_encoder_decoder(loaded)
   tok = loaded.tokenizer
+  try:
+    text, ids = prompt_ids(tok, _PROMPT.value, chat=_CHAT.value)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
   sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
                     eos_id=tok.eos_id if tok.eos_id >= 0 else None, pad_id=max(tok.pad_id, 0))
-  prompts = [tok.encode(_PROMPT.value)] * _NUM_SAMPLES.value
+  prompts = [ids] * _NUM_SAMPLES.value
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                 top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
   try:
@@ -83,14 +93,14 @@ def main(argv):
     raise SystemExit(f'error: {str(e).replace("prompt 0", "--prompt")}') from None
   if _NUM_SAMPLES.value == 1:
     print(f'--- sample 0 (step {loaded.step}) ---')
-    print(_PROMPT.value, end='', flush=True)
+    print(text, end='', flush=True)
     for piece in stream_text(tok.decode, sampler.stream(prompts, **kwargs)):
       print(piece, end='', flush=True)
     print()
     return
   for i, new in enumerate(sampler.generate(prompts, **kwargs)):
     print(f'--- sample {i} (step {loaded.step}) ---')
-    print(_PROMPT.value + tok.decode(new))
+    print(text + tok.decode(new))
 
 
 if __name__ == '__main__':

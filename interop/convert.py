@@ -72,7 +72,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
   final = os.path.abspath(workdir)
   overrides = {**FINETUNE_DEFAULTS, 'model.dtype': dtype, 'model.param_dtype': param_dtype}
   if tok_files:
-    overrides['data.tokenizer'] = os.path.join(final, hf_tokenizer.TOKENIZER_JSON)
+    overrides['data.tokenizer'] = os.path.join(final, os.path.basename(tok_files[0]))
   config = hf_config.to_config(hf, family, overrides)
   if tok_files:
     size = hf_tokenizer.vocab_size(tok_files[0])

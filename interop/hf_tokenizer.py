@@ -1,9 +1,11 @@
-"""Tokenizer files in and out of Hugging Face folders, through the `tokenizers` library.
+"""Tokenizer files in and out of Hugging Face folders (the `tokenizers` and `sentencepiece`
+libraries).
 
-In: `tokenizer.json` (and `tokenizer_config.json`, which names the special tokens) is checked
-and copied into the workdir; `data.tokenizer` points at the copy. Out: the workdir's file, or for
-our byte tokenizer an equivalent `tokenizer.json` (byte b -> id b, then <pad>, <bos>, <eos> and
-the sentinels) so transformers' tokenizers give exactly our ids.
+In: `tokenizer.json`, or else a sentencepiece `tokenizer.model`, is checked and copied into the
+workdir with `tokenizer_config.json` (special tokens, add_bos_token / add_eos_token, the chat
+template) and `chat_template.jinja` when present; `data.tokenizer` points at the copy. Out: the
+workdir's files, or for our byte tokenizer an equivalent `tokenizer.json` (byte b -> id b, then
+<pad>, <bos>, <eos> and the sentinels) so transformers' tokenizers give exactly our ids.
 """
 from __future__ import annotations
 
@@ -15,21 +17,29 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from interop.hf_config import InteropError
-from training.tokenizer import ByteTokenizer, Tokenizer
+from training.tokenizer import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ByteTokenizer, Tokenizer,
+                                make_tokenizer)
 
 TOKENIZER_JSON = 'tokenizer.json'
-TOKENIZER_CONFIG = 'tokenizer_config.json'
+SENTENCEPIECE = 'tokenizer.model'
+# Tokenizer files of other kinds (slow-tokenizer vocabularies) we cannot read.
+UNSUPPORTED = ('vocab.json', 'merges.txt', 'vocab.txt', 'spiece.model', 'tokenizer.tiktoken')
 
 
 def tokenizer_files(folder: str) -> list[str]:
-  """The tokenizer files of `folder` worth carrying, checked: [] when it has no tokenizer.json."""
-  path = os.path.join(folder, TOKENIZER_JSON)
-  if not os.path.isfile(path):
+  """The tokenizer files of `folder` worth carrying, checked; the first is the tokenizer
+  (tokenizer.json, else tokenizer.model). [] when the folder has no tokenizer files at all."""
+  for name in (TOKENIZER_JSON, SENTENCEPIECE):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      break
+  else:
+    others = [f for f in UNSUPPORTED if os.path.isfile(os.path.join(folder, f))]
+    if others:
+      raise InteropError(f'{folder}: tokenizer files {", ".join(others)} are of a type not '
+                         f'supported; supported: {TOKENIZER_JSON} (tokenizers) or '
+                         f'{SENTENCEPIECE} (sentencepiece).')
     return []
-  try:
-    tokenizers.Tokenizer.from_file(path)
-  except Exception as e:  # tokenizers raises a bare Exception on bad files
-    raise InteropError(f'{path}: the tokenizers library cannot load it ({e}).') from None
   files = [path]
   config_path = os.path.join(folder, TOKENIZER_CONFIG)
   if os.path.isfile(config_path):
@@ -39,11 +49,18 @@ def tokenizer_files(folder: str) -> list[str]:
     except (OSError, ValueError) as e:
       raise InteropError(f'{config_path}: not valid JSON ({e}).') from None
     files.append(config_path)
+  if os.path.isfile(os.path.join(folder, CHAT_TEMPLATE_FILE)):
+    files.append(os.path.join(folder, CHAT_TEMPLATE_FILE))
+  library = 'tokenizers' if name == TOKENIZER_JSON else 'sentencepiece'
+  try:
+    make_tokenizer(path)
+  except Exception as e:  # both libraries raise bare Exceptions / RuntimeErrors on bad files
+    raise InteropError(f'{path}: the {library} library cannot load it ({e}).') from None
   return files
 
 
 def vocab_size(path: str) -> int:
-  return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+  return make_tokenizer(path).vocab_size
 
 
 def copy_files(files: list[str], folder: str) -> None:
@@ -84,16 +101,20 @@ def _token(t: tokenizers.Tokenizer, i: int) -> str | None:
 
 
 def export_files(data_tokenizer: str, tok: Tokenizer, folder: str) -> None:
-  """Writes tokenizer.json and tokenizer_config.json for the workdir's `data.tokenizer`."""
+  """Writes the tokenizer (tokenizer.json or tokenizer.model), tokenizer_config.json and any
+  chat_template.jinja for the workdir's `data.tokenizer`."""
   out = os.path.join(folder, TOKENIZER_JSON)
   if data_tokenizer == 'byte':
     with open(out, 'w') as f:
       f.write(byte_tokenizer_json(tok))
   else:
-    shutil.copyfile(data_tokenizer, out)
-    carried = os.path.join(os.path.dirname(data_tokenizer), TOKENIZER_CONFIG)
-    if os.path.isfile(carried):
-      shutil.copyfile(carried, os.path.join(folder, TOKENIZER_CONFIG))
+    sp = data_tokenizer.endswith('.model')
+    shutil.copyfile(data_tokenizer, os.path.join(folder, SENTENCEPIECE) if sp else out)
+    for name in (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG):
+      carried = os.path.join(os.path.dirname(data_tokenizer), name)
+      if os.path.isfile(carried):
+        shutil.copyfile(carried, os.path.join(folder, name))
+    if sp or os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG)):
       return
   t = tokenizers.Tokenizer.from_file(out)
   config = {'tokenizer_class': 'PreTrainedTokenizerFast',

@@ -35,6 +35,7 @@ from sampling.reference import generate_reference  # noqa: E402
 from sampling.sampler import Sampler  # noqa: E402
 from models import layers, positional  # noqa: E402
 from training import loop  # noqa: E402
+from training.chat import prompt_ids  # noqa: E402
 from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 ATOL = 1e-4
@@ -61,18 +62,55 @@ TEXT = ('the quick brown fox jumps over the lazy dog while the cat sleeps near t
         'and a bird sings on the old oak tree beside the river that runs to the sea ')
 
 
-def write_tokenizer(folder):
-  """A small BPE tokenizer (Metaspace, as sentencepiece models) plus its tokenizer_config.json."""
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='<unk>'))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-  tok.decoder = tokenizers.decoders.Metaspace()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=120,
-                                           special_tokens=['<unk>', '<s>', '</s>', '<pad>'])
-  tok.train_from_iterator([TEXT] * 20, trainer)
-  tok.save(os.path.join(folder, 'tokenizer.json'))
+# A chat template in the style of the real ones (special token, roles, generation prompt), in
+# words every tokenizer here knows.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} says {{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}the model says{% endif %}")
+# How each family's tokenizer adds BOS, and where its chat template is. tokenizer.json's
+# post-processor (Llama 3, Mistral, Gemma); Mistral's tokenizer_config.json says
+# add_bos_token=false too, which transformers 5 ignores beside a tokenizer.json (so do we);
+# qwen2: no BOS; gemma2: a sentencepiece tokenizer.model with add_bos_token.
+TOKENIZERS = {'llama': ('post_processor', 'tokenizer_config.json'),
+              'mistral': ('post_processor', None), 'qwen2': (None, None),
+              'gemma': ('post_processor', 'chat_template.jinja'), 'gemma2': ('sentencepiece', None)}
+
+
+def write_tokenizer(folder, how=None, chat=None):
+  """A small BPE tokenizer (Metaspace, as sentencepiece models) plus its tokenizer_config.json,
+  or (how='sentencepiece') a sentencepiece BPE tokenizer.model trained on the same text; with
+  CHAT_TEMPLATE in `chat` (tokenizer_config.json or chat_template.jinja)."""
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>',
+            'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}
+  if how == 'sentencepiece':
+    import io
+    spm = pytest.importorskip('sentencepiece')
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT] * 20), model_writer=model,
+                                   vocab_size=100, model_type='bpe', unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=3, minloglevel=2)
+    with open(os.path.join(folder, 'tokenizer.model'), 'wb') as f:
+      f.write(model.getvalue())
+    config.update(tokenizer_class='LlamaTokenizer', add_bos_token=True)
+  else:
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='<unk>'))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=120,
+                                             special_tokens=['<unk>', '<s>', '</s>', '<pad>'])
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    if how == 'post_processor':
+      tok.post_processor = tokenizers.processors.TemplateProcessing(
+          single='<s> $A', special_tokens=[('<s>', 1)])
+    tok.save(os.path.join(folder, 'tokenizer.json'))
+  if how == 'post_processor' and not chat:
+    config['add_bos_token'] = False
+  if chat == 'tokenizer_config.json':
+    config['chat_template'] = CHAT_TEMPLATE
+  elif chat:   # transformers 5 saves templates this way
+    with open(os.path.join(folder, chat), 'w') as f:
+      f.write(CHAT_TEMPLATE)
   with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>',
-               'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}, f)
+    json.dump(config, f)
 
 
 def make_hf_model(family, seed=0):
@@ -93,7 +131,7 @@ def hf(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp(f'hf_{family}'))
     model = make_hf_model(family)
     model.save_pretrained(folder, max_shard_size='40KB' if family == 'llama' else '1GB')
-    write_tokenizer(folder)
+    write_tokenizer(folder, *TOKENIZERS[family])
     out[family] = (model, folder)
   assert os.path.isfile(os.path.join(out['llama'][1], 'model.safetensors.index.json'))
   return out
@@ -188,6 +226,45 @@ def test_greedy_generation_matches_transformers(hf, imported, family):
   np.testing.assert_array_equal(np.stack(cached), expected[:, 8:])
 
 
+PROMPT = 'the quick brown fox'
+
+
+def reference_tokenizer(folder):
+  """transformers' tokenizer for a folder: its generic tokenizers backend on tokenizer.json (the
+  Qwen2 class would rebuild a byte-level pipeline that our small test tokenizer does not have),
+  else AutoTokenizer (a sentencepiece tokenizer.model, converted by transformers)."""
+  if os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+    return transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_text_prompt_and_chat_match_transformers(hf, imported, family):
+  """sample.py's path (prompt_ids, then the cached sampler) on a text prompt: the same ids as
+  transformers' tokenizer (BOS from the post-processor, add_bos_token or sentencepiece), the
+  same greedy continuation as its `generate`; --chat renders and encodes as
+  `apply_chat_template`."""
+  model, folder = hf[family]
+  loaded = load_workdir(imported[family])
+  auto = reference_tokenizer(folder)
+  text, ids = prompt_ids(loaded.tokenizer, PROMPT)
+  assert text == PROMPT and ids.tolist() == auto.encode(PROMPT)
+  assert (ids[0] == 1) == (TOKENIZERS[family][0] is not None)   # BOS where transformers adds it
+  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len)
+  [new] = sampler.generate([ids], max_new_tokens=12)
+  np.testing.assert_array_equal(new, hf_greedy(model, np.asarray([ids]), 12)[0, len(ids):])
+  messages = [{'role': 'user', 'content': PROMPT}]
+  if TOKENIZERS[family][1] is None:
+    with pytest.raises(ValueError, match='--chat: .*no chat template'):
+      prompt_ids(loaded.tokenizer, PROMPT, chat=True)
+    return
+  text, ids = prompt_ids(loaded.tokenizer, PROMPT, chat=True)
+  assert text == auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  want = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  assert ids.tolist() == list(want['input_ids'] if 'input_ids' in want else want)
+  assert text.startswith('<s>user says the quick') and ids[0] == 1
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_export_reloads_in_transformers(hf, imported, family, tmp_path):
   model, folder = hf[family]
@@ -199,9 +276,11 @@ def test_export_reloads_in_transformers(hf, imported, family, tmp_path):
                              atol=1e-5, rtol=0)
   assert set(SafetensorsFolder(out).entries) == set(SafetensorsFolder(folder).entries)
   ours = make_tokenizer(load_workdir(imported[family]).config.data.tokenizer)
-  exported = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(out,
-                                                                              'tokenizer.json'))
-  assert exported.encode(TEXT, add_special_tokens=False) == ours.encode(TEXT).tolist()
+  exported = reference_tokenizer(out)   # the tokenizer files travel too
+  text = TEXT.strip()   # sentencepiece drops a trailing space that transformers' conversion keeps
+  assert exported.encode(text) == ours.encode(text, add_special_tokens=True).tolist()
+  assert (exported.encode(text)[0] == ours.bos_id) == (TOKENIZERS[family][0] is not None)
+  assert exported.chat_template == reference_tokenizer(folder).chat_template
 
 
 def test_sharded_and_single_file_read_the_same(hf, tmp_path):
@@ -397,6 +476,42 @@ def _run(*args, timeout=300):
   return run_cli(*args, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
+def test_sample_cli_chat_greedy_matches_transformers(hf, imported):
+  """One sample.py run: --chat renders Gemma's chat_template.jinja, the tokenizer.json's
+  post-processor BOS is kept, and the greedy text is transformers' `generate`."""
+  model, folder = hf['gemma']
+  auto = reference_tokenizer(folder)
+  messages = [{'role': 'user', 'content': PROMPT}]
+  rendered = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  ids = auto.encode(rendered, add_special_tokens=False)
+  new = hf_greedy(model, np.asarray([ids]), 10)[0, len(ids):].tolist()
+  new = new[:new.index(COMMON['eos_token_id'])] if COMMON['eos_token_id'] in new else new
+  r = _run('sample.py', f'--workdir={imported["gemma"]}', f'--prompt={PROMPT}', '--chat',
+           '--max_new_tokens=10', '--temperature=0')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines()[-1] == rendered + auto.decode(new, skip_special_tokens=True)
+
+
+def test_truncated_safetensors_and_unsupported_tokenizer(hf, tmp_path):
+  """A cut-off model.safetensors, and slow-tokenizer files without tokenizer.json: one error
+  naming the file, nothing written."""
+  src = shutil.copytree(hf['qwen2'][1], str(tmp_path / 'hf'))
+  weights = os.path.join(src, 'model.safetensors')
+  data = open(weights, 'rb').read()
+  with open(weights, 'wb') as f:
+    f.write(data[:len(data) - 1000])
+  with pytest.raises(InteropError, match='model.safetensors'):
+    import_hf(src, str(tmp_path / 'wd'))
+  with open(weights, 'wb') as f:
+    f.write(data)
+  os.remove(os.path.join(src, 'tokenizer.json'))
+  for name in ('vocab.json', 'merges.txt'):
+    (tmp_path / 'hf' / name).write_text('{}')
+  with pytest.raises(InteropError, match='vocab.json, merges.txt are of a type not supported'):
+    import_hf(src, str(tmp_path / 'wd'))
+  assert sorted(os.listdir(tmp_path)) == ['hf']
+
+
 def test_cli_reports_bad_input(hf, tmp_path):
   src = _corrupt_copy(hf['qwen2'][1], str(tmp_path / 'hf'),
                       edit_tensors=lambda t: t.pop(TENSOR))
@@ -417,8 +532,9 @@ def test_cli_import_sample_finetune_export(hf, tmp_path):
   r = _run('sample.py', f'--workdir={wd}', f'--prompt={prompt}', '--max_new_tokens=12',
            '--temperature=0')
   assert r.returncode == 0, r.stderr
-  tok = transformers.AutoTokenizer.from_pretrained(folder)
-  ids = tok.encode(prompt, add_special_tokens=False)
+  tok = reference_tokenizer(folder)
+  ids = tok.encode(prompt)   # with the BOS its post-processor adds
+  assert ids[0] == COMMON['bos_token_id']
   new = hf_greedy(model, np.asarray([ids]), 12)[0, len(ids):].tolist()
   ours = make_tokenizer(os.path.join(wd, 'tokenizer.json'))
   stop = new.index(ours.eos_id) if ours.eos_id in new else len(new)

@@ -311,3 +311,40 @@ def test_prepare_cli_prints_the_cache_path_and_clear_errors(tmp_path):
   assert failed.returncode == 1
   assert failed.stderr.strip().splitlines()[-1].startswith(
       f"error: data.cache_dir='{tmp_path}/file/cache': cannot write the token cache")
+
+
+def test_documents_carry_the_tokenizers_special_tokens(tmp_path):
+  """LM documents are encoded as transformers encodes them: a tokenizer.json whose
+  post-processor adds BOS gives BOS + text (+ the EOS separator); a sentencepiece model whose
+  tokenizer_config.json asks for BOS and EOS gives BOS + text + EOS, without a second EOS."""
+  import io  # pylint: disable=import-outside-toplevel
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  spm = pytest.importorskip('sentencepiece')
+  docs = texts(12, 0)
+  (tmp_path / 'in.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in docs))
+  (tmp_path / 'bpe').mkdir()
+  path = bpe_tokenizer(tmp_path / 'bpe' / 'tokenizer.json', [str(tmp_path / 'in.jsonl')])
+  ref = tokenizers.Tokenizer.from_file(path)
+  ref.add_special_tokens(['<s>'])
+  ref.post_processor = tokenizers.processors.TemplateProcessing(
+      single='<s> $A', special_tokens=[('<s>', ref.token_to_id('<s>'))])
+  ref.save(path)
+  eos = ref.token_to_id('</s>')
+  (tmp_path / 'sp').mkdir()
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=model, vocab_size=24,
+                                 minloglevel=2)
+  (tmp_path / 'sp' / 'tokenizer.model').write_bytes(model.getvalue())
+  (tmp_path / 'sp' / 'tokenizer_config.json').write_text(json.dumps(
+      {'add_bos_token': True, 'add_eos_token': True}))
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / 'sp' / 'tokenizer.model'))
+  cases = ((path, lambda t: ref.encode(t).ids + [eos]),
+           (str(tmp_path / 'sp' / 'tokenizer.model'),
+            lambda t: [sp.bos_id()] + sp.encode(t) + [sp.eos_id()]))
+  for i, (tok, expected) in enumerate(cases):
+    cfg = data_cfg(tmp_path, str(tmp_path / 'in.jsonl'), tokenizer=tok,
+                   cache_dir=str(tmp_path / f'cache{i}'))
+    cache = Cache(token_cache.ensure(cfg, progress=False))
+    chosen = [t for t in docs if not token_cache.is_held_out(t, 30.0)]
+    np.testing.assert_array_equal(cache.stream('train')[:],
+                                  np.concatenate([expected(t) for t in chosen]))

@@ -87,7 +87,9 @@ def cache_key(data_cfg, files=None, tokenizer=None) -> dict:
       'fields': list(PAIR_FIELDS if is_pairs(data_cfg) else (data_cfg.text_field,)),
       'files': stats,
       'tokenizer': {'sha256': 'byte' if spec == 'byte' else _sha256_file(spec),
-                    'vocab_size': int(tok.vocab_size), 'eos_id': int(tok.eos_id)},
+                    'vocab_size': int(tok.vocab_size), 'eos_id': int(tok.eos_id),
+                    # what it adds around a document (BOS / EOS, from tokenizer_config.json too)
+                    'specials': [int(i) for i in tok.encode('', add_special_tokens=True)]},
       'eval_percent': float(data_cfg.eval_percent),
       'skip_bad_records': bool(data_cfg.skip_bad_records),
   }
@@ -151,20 +153,26 @@ def build_unit(unit_id: int, pieces: list) -> dict:
     for r in records(piece, path, name, job.fields, bad, job.pairs):
       docs[is_held_out(r.key, job.eval_percent)].append((piece.file, r.where, r.texts))
   order = docs[False] + docs[True]
-  tokens = [job.tokenizer.encode_batch([d[2][k] for d in order]) for k in range(len(job.fields))]
+  # LM documents get the tokenizer's special tokens (e.g. BOS), as transformers encodes them.
+  specials = not job.pairs
+  tokens = [job.tokenizer.encode_batch([d[2][k] for d in order], add_special_tokens=specials)
+            for k in range(len(job.fields))]
   keep = list(range(len(order)))
+  bare = job.tokenizer.encode('', add_special_tokens=specials)
+  # One EOS ends each document, unless the tokenizer adds it itself (add_eos_token).
+  sep = 0 if specials and bare.size and bare[-1] == job.eos_id else 1
   if not job.pairs:   # an empty document adds nothing but an EOS
-    keep = [i for i in keep if tokens[0][i].size]
+    keep = [i for i in keep if tokens[0][i].size > bare.size]
   train_docs = sum(1 for i in keep if i < len(docs[False]))
   stem = os.path.join(job.shard_dir, f'{unit_id:06d}')
   meta = {'unit': unit_id, 'docs': len(keep), 'train_docs': train_docs,
           'input_bytes': sum(p.size for p in pieces), 'bad_records': bad.count, 'fields': {}}
   for field, toks in zip(job.fields, tokens):
-    lengths = np.array([toks[i].size + 1 for i in keep], np.int64)
+    lengths = np.array([toks[i].size + sep for i in keep], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.full((int(offsets[-1]),), job.eos_id, job.dtype)   # EOS after each document
-    for i, start, n in zip(keep, offsets[:-1], lengths):
-      flat[start:start + n - 1] = toks[i]
+    for i, start in zip(keep, offsets[:-1]):
+      flat[start:start + toks[i].size] = toks[i]
     meta['fields'][field] = {
         'tokens': int(offsets[-1]), 'train_tokens': int(offsets[train_docs]),
         'bin_sha256': _write(f'{stem}.{field}.bin', flat.tobytes()),
