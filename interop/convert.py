@@ -80,7 +80,8 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
       raise InteropError(f'{tok_files[0]}: {size} tokens, more than config.json vocab_size='
                          f'{config.model.vocab_size}.')
   else:
-    logging.warning('%s has no tokenizer.json; the workdir uses data.tokenizer=byte.', hf_dir)
+    logging.warning('%s has no tokenizer.json or tokenizer.model; the workdir uses '
+                    'data.tokenizer=byte.', hf_dir)
   folder = hf_params.SafetensorsFolder(hf_dir)
   s = loop.setup(config)
   abstract = s.abstract_state['params']
