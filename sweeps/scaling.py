@@ -170,6 +170,9 @@ def plot(path: str, f: Fit, points: list[dict]) -> None:
   ax.axhline(f.e, color='gray', linestyle=':', linewidth=1, label=f'E = {f.e:.3f}')
   ax.set_xscale('log')
   ax.set_yscale('log')
+  plain = matplotlib.ticker.FormatStrFormatter('%.2f')  # losses span well under a decade
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_formatter(plain)
   ax.set_xlabel(f.kind)
   ax.set_ylabel('final eval loss')
   ax.grid(alpha=0.3, which='both')

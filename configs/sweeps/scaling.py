@@ -3,7 +3,8 @@
   python sweep.py --sweep=configs/sweeps/scaling.py --workdir=runs/sweeps/scaling
 Two-layer decoders of d_model 32..128 (about 43K to 490K parameters, a decade), 4 heads, MLP
 3·d_model, 128-token sequences, 300 steps of 16 sequences each (the same 614K tokens for every
-size), seeds 0 and 1: 10 trials, about 15 minutes on 2 idle CPU cores. The report fits the
+size), seeds 0 and 1: 10 trials, about 10 minutes on 2 idle CPU cores (estimated from one
+trial's time; not run in full). The report fits the
 groups' mean final eval loss (scaling.csv, scaling.png, scaling.json) with bootstrap intervals
 over seeds. `:quick` is three widths (32, 48, 64: 39K to 131K parameters), seeds 0 and 1, 150
 steps: about 3 minutes on idle cores.
