@@ -1,0 +1,173 @@
+"""Our CPU train step against a PyTorch loop over transformers' LlamaForCausalLM, same shape.
+
+  python benchmarks/train_vs_torch.py [--pairs=7] [--steps=3] [--layers=4] [--d_model=256]
+
+Both sides train the same decoder (default: 4 layers, d_model 256, GQA 8/2 heads, SwiGLU 768,
+tied byte embeddings, T 256, batch 16, fp32) with AdamW and global-norm clipping on random
+batches. The PyTorch loop runs in a worker process started by this one, so neither side's
+thread pool spins while the other works; both see the same cores (XLA's and torch's default:
+every core of the machine) and the same malloc settings (training/hostenv.py). Timing is
+interleaved: each pair times `--steps` steps of ours, then of torch's (the order alternates), so
+load from other users of a shared machine hits both alike; the ratio printed is the median of the
+per-pair ratios. The load average before and after is printed with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training import hostenv  # noqa: E402
+
+hostenv.ensure_fast_malloc()
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+_PAIRS = flags.DEFINE_integer('pairs', 7, 'Interleaved (ours, torch) timing pairs.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Train steps timed per side in each pair.')
+_LAYERS = flags.DEFINE_integer('layers', 4, 'Decoder layers.')
+_D_MODEL = flags.DEFINE_integer('d_model', 256, 'Width (heads of 32, mlp 3x).')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per step.')
+_SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per sequence.')
+_WORKER = flags.DEFINE_bool('torch_worker', False, 'Internal: serve torch steps on stdin/stdout.')
+
+VOCAB = 384
+
+
+def shape() -> dict:
+  d = _D_MODEL.value
+  return dict(layers=_LAYERS.value, d_model=d, heads=d // 32, kv_heads=d // 128, mlp=3 * d,
+              batch=_BATCH.value, seq=_SEQ.value)
+
+
+def random_tokens(seed: int, batch: int, seq: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (batch, seq + 1), np.int32)
+
+
+# ---------------------------------------------------------------- torch worker (its own process)
+def torch_worker(sh: dict) -> None:
+  """Reads a step count per line on stdin, trains that many steps, writes the seconds taken."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=sh['d_model'], intermediate_size=sh['mlp'],
+      num_hidden_layers=sh['layers'], num_attention_heads=sh['heads'],
+      num_key_value_heads=sh['kv_heads'], max_position_embeddings=sh['seq'], rms_norm_eps=1e-6,
+      tie_word_embeddings=True, attn_implementation='sdpa')
+  model = transformers.LlamaForCausalLM(cfg)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+  def step(seed: int) -> float:
+    tokens = torch.from_numpy(random_tokens(seed, sh['batch'], sh['seq'])).long()
+    logits = model(input_ids=tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss)
+
+  step(0)  # warm-up
+  print(json.dumps({'ready': True, 'threads': torch.get_num_threads(),
+                    'torch': torch.__version__, 'transformers': transformers.__version__}),
+        flush=True)
+  seed = 1
+  for line in sys.stdin:
+    n = int(line)
+    start = time.perf_counter()
+    for _ in range(n):
+      step(seed)
+      seed += 1
+    print(json.dumps({'seconds': time.perf_counter() - start}), flush=True)
+
+
+# ---------------------------------------------------------------- ours
+def our_step(sh: dict):
+  """A `run(n) -> seconds` closure over our jitted train step (compiled and warmed up)."""
+  import jax
+  from configs import default, schema
+  from training import loop
+  from training import mesh as mesh_lib
+  cfg = schema.validate(schema.apply_overrides(default.get_config('small'), {
+      'model.num_layers': sh['layers'], 'model.d_model': sh['d_model'],
+      'model.num_heads': sh['heads'], 'model.num_kv_heads': sh['kv_heads'],
+      'model.mlp_dim': sh['mlp'], 'model.max_len': sh['seq'], 'data.seq_len': sh['seq'],
+      'train.batch_size': sh['batch'], 'train.steps': 10_000, 'mesh.data': 1}))
+  s = loop.setup(cfg, jax.devices()[:1])
+  state = [s.init_state()]
+
+  def batch(seed):
+    tokens = random_tokens(seed, sh['batch'], sh['seq'])
+    return mesh_lib.put_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+                               'weights': np.ones((sh['batch'], sh['seq']), np.float32)}, s.mesh)
+
+  seeds = iter(range(10 ** 9))
+
+  def run(n: int) -> float:
+    batches = [batch(next(seeds)) for _ in range(n)]   # host work outside the timing
+    start = time.perf_counter()
+    for b in batches:
+      state[0], metrics = s.train_step(state[0], b)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+  run(2)  # compile + warm-up
+  return run, cfg
+
+
+def main(argv):
+  del argv
+  sh = shape()
+  if _WORKER.value:
+    torch_worker(sh)
+    return
+  load_before = os.getloadavg()
+  worker = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), '--torch_worker',
+       *[f'--{k}={v}' for k, v in (('layers', _LAYERS.value), ('d_model', _D_MODEL.value),
+                                    ('batch_size', _BATCH.value), ('seq_len', _SEQ.value))]],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  info = json.loads(worker.stdout.readline())
+  import jax
+  run, _ = our_step(sh)
+
+  def torch_run(n: int) -> float:
+    worker.stdin.write(f'{n}\n')
+    worker.stdin.flush()
+    return json.loads(worker.stdout.readline())['seconds']
+
+  torch_run(1)
+  tokens = sh['batch'] * sh['seq'] * _STEPS.value
+  ours, theirs = [], []
+  for i in range(_PAIRS.value):
+    first, second = (run, torch_run) if i % 2 == 0 else (torch_run, run)
+    a, b = first(_STEPS.value), second(_STEPS.value)
+    o, t = (a, b) if i % 2 == 0 else (b, a)
+    ours.append(tokens / o)
+    theirs.append(tokens / t)
+  worker.stdin.close()
+  worker.wait()
+  load_after = os.getloadavg()
+  ratios = [o / t for o, t in zip(ours, theirs)]
+  print(f'shape: {sh["layers"]} layers, d_model {sh["d_model"]}, GQA {sh["heads"]}/'
+        f'{sh["kv_heads"]}, mlp {sh["mlp"]}, T {sh["seq"]}, batch {sh["batch"]}, fp32, AdamW')
+  print(f'ours: jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {info["torch"]} '
+        f'({info["threads"]} threads), transformers {info["transformers"]} LlamaForCausalLM (sdpa)')
+  print(f'load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; '
+        f'{os.cpu_count()} cores')
+  print('pairs (tokens/s ours / torch): ' + ', '.join(
+      f'{o:,.0f}/{t:,.0f}' for o, t in zip(ours, theirs)))
+  print(f'ours {np.median(ours):,.0f} tokens/s, torch {np.median(theirs):,.0f} tokens/s; '
+        f'ratio ours/torch = {np.median(ratios):.2f}x (median of {len(ratios)} interleaved pairs '
+        f'of {_STEPS.value} steps; range {min(ratios):.2f}-{max(ratios):.2f})')
+
+
+if __name__ == '__main__':
+  app.run(main)
