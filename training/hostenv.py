@@ -4,6 +4,13 @@ XLA:CPU allocates its large temporary buffers afresh on every step. With glibc's
 pages each train step of the default model page-faulted ~400 MB; backing malloc with transparent
 huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) made the step 1.7x faster on 2 cores.
 The tunable is read only at process start, so the CLIs re-execute themselves once with it.
+
+XLA:CPU flags (`XLA_CPU_FLAGS`, added to XLA_FLAGS unless the user already sets that flag): jax
+0.10's default hands dots, elementwise work and reductions to YNNPACK fusions; the default train
+step ran 1.28x slower that way than with XLA's own fusion emitters (the YNNPACK list emptied),
+measured single-threaded in interleaved pairs on a loaded 2-core machine
+(benchmarks/train_vs_torch.py). The flags change which kernels run, not what is computed
+(tests/test_hostenv.py checks loss and gradients both ways).
 """
 from __future__ import annotations
 
@@ -12,13 +19,24 @@ import platform
 import sys
 
 TUNABLE = 'glibc.malloc.hugetlb=1'
+XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+
+
+def configure_xla_cpu() -> None:
+  """Adds `XLA_CPU_FLAGS` to XLA_FLAGS (those the user has not set). Effective only before JAX
+  initialises its backends; the flags only concern the CPU backend."""
+  current = os.environ.get('XLA_FLAGS', '')
+  missing = [f for f in XLA_CPU_FLAGS if f.split('=')[0] not in current]
+  if missing:
+    os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
 
 
 def ensure_fast_malloc() -> None:
   """Re-executes this process with the tunable set (Linux/glibc only; a no-op elsewhere).
 
-  Set LMX_NO_REEXEC=1 to opt out.
+  Set LMX_NO_REEXEC=1 to opt out. Also applies `configure_xla_cpu` (inherited by the re-exec).
   """
+  configure_xla_cpu()
   current = os.environ.get('GLIBC_TUNABLES', '')
   if (sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc' or 'hugetlb' in current
       or os.environ.get('LMX_NO_REEXEC')):
