@@ -86,6 +86,11 @@ def _uniform_window(m) -> bool:
   return len(set(_layer_types(m))) == 1
 
 
+def _windowed(m) -> bool:
+  """Whether any layer attends through a sliding window."""
+  return 'sliding_attention' in _layer_types(m)
+
+
 def _llama_fields(hf: dict) -> dict:
   _activation(hf, 'hidden_act', ('silu', 'swish'), 'silu')
   return {'attention_bias': bool(hf.get('attention_bias', False)), 'attention_out_bias': None,
@@ -167,10 +172,11 @@ FAMILIES = (
     Family('LlamaForCausalLM', 'llama', LLAMA_LIKE, _llama_fields,
            lambda m: {'hidden_act': 'silu', 'attention_bias': m.attention_bias,
                       'mlp_bias': m.mlp_bias},
-           lambda m: _out_bias(m) == m.attention_bias and m.sliding_window is None,
+           lambda m: _out_bias(m) == m.attention_bias and not _windowed(m),
            'the same bias on q/k/v and o, no sliding window'),
     Family('MistralForCausalLM', 'mistral', LLAMA_LIKE, _mistral_fields,
-           lambda m: {'hidden_act': 'silu', 'sliding_window': m.sliding_window},
+           lambda m: {'hidden_act': 'silu',
+                      'sliding_window': m.sliding_window if _windowed(m) else None},
            lambda m: not (m.attention_bias or _out_bias(m) or m.mlp_bias) and _uniform_window(m),
            'no biases, the same attention window on every layer'),
     Family('Qwen2ForCausalLM', 'qwen2', LLAMA_LIKE, _qwen2_fields,
@@ -182,7 +188,7 @@ FAMILIES = (
                                          'attn_logit_softcap': None, 'final_logit_softcap': None},
            _gemma_fields,
            lambda m: {'hidden_act': 'gelu_pytorch_tanh', 'attention_bias': m.attention_bias},
-           lambda m: _out_bias(m) == m.attention_bias and m.sliding_window is None,
+           lambda m: _out_bias(m) == m.attention_bias and not _windowed(m),
            'the same bias on q/k/v and o, no sliding window'),
     Family('Gemma2ForCausalLM', 'gemma2', {**GEMMA_LIKE, 'norm_position': 'sandwich'},
            _gemma2_fields, _gemma2_export,

@@ -406,6 +406,9 @@ def test_new_fields_validated(tiny_config, overrides, message):
     ({'model.positional': 'learned'}, ['model.positional']),
 ])
 def test_export_refuses_models_no_family_expresses(tiny_config, overrides, words):
+  # A window no layer uses (pattern all 'G') is no window: a plain Llama.
+  unused = tiny_config({'model.sliding_window': 4, 'model.window_pattern': 'G'}).model
+  assert hf_config.family_for(unused).architecture == 'LlamaForCausalLM'
   with pytest.raises(InteropError) as e:
     hf_config.family_for(schema.validate(tiny_config(overrides)).model)
   for word in words:
