@@ -362,6 +362,23 @@ def test_rope_scaling_equals_transformers(rope):
   assert np.abs(got / plain - 1).max() > 0.5  # some frequencies really are rescaled
 
 
+def test_embedding_scale_in_the_embedding_dtype_as_transformers():
+  """Gemma's sqrt(d_model) multiplies bfloat16 embeddings as a bfloat16 number (sqrt(3072) =
+  55.43 becomes 55.5), exactly as transformers' scaled embedding does."""
+  table = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+  theirs = transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding(
+      16, 8, 0, embed_scale=3072 ** 0.5).to(torch.bfloat16)
+  with torch.no_grad():
+    theirs.weight.copy_(table)
+    want = theirs(torch.arange(16)).float().numpy()
+  ours = layers.Embed(16, 8, std=0.02, dtype='bfloat16', param_dtype='bfloat16',
+                      rngs=nnx.Rngs(0))
+  ours.embedding[...] = jnp.asarray(table.float().numpy(), jnp.bfloat16)
+  got = np.asarray(ours(jnp.arange(16), 3072 ** 0.5).astype(jnp.float32))
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(got, np.asarray(table.float().numpy()) * np.float32(3072 ** 0.5))
+
+
 def test_legacy_rope_keys_and_defaults():
   """Older config.json files: `rope_theta` + `rope_scaling` with `type`; absent keys default."""
   hf = dict(architectures=['LlamaForCausalLM'], vocab_size=100, hidden_size=64,
