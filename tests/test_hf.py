@@ -72,7 +72,8 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} says {{ 
 # qwen2: no BOS; gemma2: a sentencepiece tokenizer.model with add_bos_token.
 TOKENIZERS = {'llama': ('post_processor', 'tokenizer_config.json'),
               'mistral': ('post_processor', None), 'qwen2': (None, None),
-              'gemma': ('post_processor', 'chat_template.jinja'), 'gemma2': ('sentencepiece', None)}
+              'gemma': ('post_processor', 'chat_template.jinja'),
+              'gemma2': ('sentencepiece', 'tokenizer_config.json')}
 
 
 def write_tokenizer(folder, how=None, chat=None):

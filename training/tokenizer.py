@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Protocol
 
 import numpy as np
@@ -122,7 +123,9 @@ def _token_strings(settings: dict, id_to_token, bos_id: int, eos_id: int, pad_id
 class SentencePieceTokenizer:
   """A sentencepiece `tokenizer.model` (Llama 2, Mistral v0.1, Gemma), through the
   `sentencepiece` library. BOS / EOS are added around a text as tokenizer_config.json's
-  add_bos_token / add_eos_token say (absent: none, as transformers 5 does)."""
+  add_bos_token / add_eos_token say (absent: none, as transformers 5 does). Special-token
+  strings in a text (a chat template's '<s>') become their ids, and the text right after one
+  gets no dummy-prefix space, as in transformers' converted tokenizer."""
 
   def __init__(self, path: str, settings: dict | None = None):
     import sentencepiece  # pylint: disable=import-outside-toplevel
@@ -149,15 +152,50 @@ class SentencePieceTokenizer:
     self.chat_template = settings.get('chat_template')
     self.special_token_strings = _token_strings(settings, self._sp.id_to_piece, self.bos_id,
                                                 self.eos_id, self.pad_id)
+    self._special_ids = {}
+    for piece in self.special_token_strings.values():
+      i = self._sp.piece_to_id(piece)
+      if self._sp.id_to_piece(i) == piece and not self._sp.is_unused(i):
+        self._special_ids[piece] = i
+    self._split = (re.compile('(' + '|'.join(map(re.escape, sorted(self._special_ids, key=len,
+                                                                    reverse=True))) + ')')
+                   if self._special_ids else None)
+    self._sp_no_prefix = None
+
+  def _no_prefix(self):
+    """The same model for text that follows a special token: no dummy-prefix space, and
+    spaces kept as written (what transformers' converted tokenizer does there)."""
+    if self._sp_no_prefix is None:
+      import sentencepiece  # pylint: disable=import-outside-toplevel
+      from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+      proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+      proto.normalizer_spec.add_dummy_prefix = False
+      proto.normalizer_spec.remove_extra_whitespaces = False
+      self._sp_no_prefix = sentencepiece.SentencePieceProcessor(
+          model_proto=proto.SerializeToString())
+    return self._sp_no_prefix
+
+  def _encode_text(self, text: str) -> list[int]:
+    parts = self._split.split(text) if self._split else [text]
+    if len(parts) == 1:
+      return self._sp.encode(text)
+    ids = []
+    for k, part in enumerate(parts):   # odd k: a special token; even k: text between them
+      if k % 2:
+        ids.append(self._special_ids[part])
+      elif part:
+        ids += (self._sp if k == 0 else self._no_prefix()).encode(part)
+    return ids
 
   def encode(self, text: str | bytes, add_special_tokens: bool = False) -> np.ndarray:
     return self.encode_batch([text], add_special_tokens)[0]
 
   def encode_batch(self, texts: list, add_special_tokens: bool = False) -> list[np.ndarray]:
     specials = add_special_tokens
-    return [np.asarray(([self.bos_id] if specials and self.add_bos else []) + ids
+    return [np.asarray(([self.bos_id] if specials and self.add_bos else [])
+                       + self._encode_text(_text(t))
                        + ([self.eos_id] if specials and self.add_eos else []), np.int32)
-            for ids in self._sp.encode([_text(t) for t in texts])]
+            for t in texts]
 
   def decode(self, ids) -> str:
     special = {self.bos_id, self.eos_id, self.pad_id}
