@@ -2,6 +2,8 @@
 
 The set of keys here is the schema: `configs.schema.validate` rejects any key not present here.
 """
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -77,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       text_field='text',              # the text of a .jsonl record / .parquet column
       skip_bad_records=False,         # True: skip (and count) bad .jsonl/.parquet records
       tokenizer='byte',               # 'byte' or a path to a tokenizer.json
-      cache_dir='~/.cache/lmx/tokens',  # token caches (prepare.py), one folder per content hash
+      # token caches (prepare.py), one folder per content hash; $LMX_CACHE_DIR overrides the default
+      cache_dir=os.environ.get('LMX_CACHE_DIR', '~/.cache/lmx/tokens'),
       prepare_workers=config_dict.placeholder(int),  # tokenizer processes; None: all cores
       seq_len=256,
       packing=False,                  # True: whole documents packed into rows, each attending

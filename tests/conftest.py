@@ -12,6 +12,9 @@ os.environ.setdefault('LMX_NO_REEXEC', '1')  # subprocess CLIs inherit the test'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lmx-jax-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+# Token caches of the tests' corpora (data.cache_dir's default) in /tmp, not the user's home.
+os.environ.setdefault('LMX_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'lmx-token-cache-{os.getuid()}'))
 
 import pytest  # noqa: E402
 

@@ -269,9 +269,11 @@ def ensure(data_cfg, *, progress: bool = True, log=None) -> str:
   job = _Job(data_cfg, files, fields, shard_dir, dtype, tok.eos_id)
   done = _complete_shards(shard_dir, fields, dtype.itemsize)
   total = sum(s for *_, s, _ in key['files'])
-  units = ((i, u) for i, u in enumerate(plan(files, unit_bytes_for(total), is_pairs(data_cfg)))
+  unit_bytes = unit_bytes_for(total)
+  units = ((i, u) for i, u in enumerate(plan(files, unit_bytes, is_pairs(data_cfg)))
            if i not in done)
-  workers = num_workers(data_cfg.prepare_workers)
+  # A corpus of one or two units is built in this process: starting workers would cost more.
+  workers = 1 if total < 2 * unit_bytes else num_workers(data_cfg.prepare_workers)
   log(f'Building the token cache {path} ({len(files)} files, {total / 1e6:.1f} MB, '
       f'{workers} worker{"s" * (workers > 1)}{f", {len(done)} shards already done" * bool(done)}).')
   metas = dict(done)
