@@ -26,7 +26,7 @@ demo: $(VENV)/.core
 	$(BIN)/python train.py --config=configs/default.py --workdir=runs/default
 	$(BIN)/python sample.py --workdir=runs/default --prompt='def parse_args(' --max_new_tokens=300 --temperature=0.7 --top_k=40
 
-# glibc.malloc.hugetlb=1: see training/hostenv.py (the CLIs set it themselves).
+# glibc.malloc.hugetlb=1: see workdir/hostenv.py (the CLIs set it themselves).
 test: $(VENV)/.test
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests: failing.' >&2; fi; exit $$rc

@@ -2,7 +2,7 @@
 
 Uses the cached sampler (sampling/sampler.py); one sample is printed as it is generated.
 """
-from training import hostenv
+from workdir import hostenv
 
 hostenv.ensure_fast_malloc()
 
@@ -10,10 +10,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from sampling import encdec
-from sampling.load import load_workdir
+from workdir.load import load_workdir
 from sampling.sampler import Sampler, stream_text
-from training.chat import prompt_ids
-from training.checkpoint import WorkdirError
+from text.chat import prompt_ids
+from workdir.files import WorkdirError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.', required=True)

@@ -13,7 +13,7 @@ import shlex
 import signal
 import sys
 
-from training import hostenv
+from workdir import hostenv
 
 hostenv.ensure_fast_malloc()
 
@@ -21,7 +21,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import schema
-from training import checkpoint, data, distributed, guards, loop, preflight
+from sampling import encdec
+from training import data, distributed, guards, loop, preflight
+from workdir import files
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]. Optional when '
                                           '--workdir holds a run (it then resumes that config).',
@@ -46,7 +48,7 @@ def resolve_config():
     return _CONFIG.value
   if _WORKDIR.value is None:
     raise SystemExit('error: give --config=FILE[:variant], or --workdir=DIR of an existing run.')
-  return checkpoint.load_config(_WORKDIR.value)
+  return files.load_config(_WORKDIR.value)
 
 
 def main(argv):
@@ -66,8 +68,9 @@ def main(argv):
       return
     if _WORKDIR.value is None:
       raise SystemExit('error: --workdir is required (except with --dry_run).')
-    result = loop.train(config, _WORKDIR.value)
-  except (schema.ConfigError, data.DataError, checkpoint.WorkdirError, preflight.PreflightError,
+    extra = [encdec.eval_exact_match] if config.data.task != 'lm' else []
+    result = loop.train(config, _WORKDIR.value, extra_evals=extra)
+  except (schema.ConfigError, data.DataError, files.WorkdirError, preflight.PreflightError,
           guards.NonfiniteError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   if result['stopped']:  # SIGTERM/SIGINT: checkpointed; exit as the signal would (143, 130)

@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training import hostenv  # noqa: E402
+from workdir import hostenv  # noqa: E402
 
 hostenv.ensure_fast_malloc()
 
@@ -142,7 +142,7 @@ def data_wait_share() -> tuple[float, float, float]:
   without checkpoints and evaluation."""
   import jax  # pylint: disable=import-outside-toplevel
   from training import loop, mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from training.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
+  from text.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   train_ds, _, _ = loop.load_data(config, make_tokenizer(config.data.tokenizer))
   s = loop.setup(config)

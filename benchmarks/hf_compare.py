@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from interop.convert import import_hf  # noqa: E402
-from sampling.load import load_workdir  # noqa: E402
+from workdir.load import load_workdir  # noqa: E402
 
 from sampling.sampler import Sampler  # noqa: E402
 

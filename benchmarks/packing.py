@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training import hostenv  # noqa: E402
+from workdir import hostenv  # noqa: E402
 
 hostenv.ensure_fast_malloc()
 
@@ -28,9 +28,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import schema  # noqa: E402
-from sampling.load import load_workdir  # noqa: E402
+from workdir.load import load_workdir  # noqa: E402
 from training import loop  # noqa: E402
-from training.tokenizer import make_tokenizer  # noqa: E402
+from text.tokenizer import make_tokenizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
                                            'Experiment file[:variant]; --config.a.b=v overrides.')

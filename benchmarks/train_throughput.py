@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training import hostenv  # noqa: E402
+from workdir import hostenv  # noqa: E402
 
 hostenv.ensure_fast_malloc()
 

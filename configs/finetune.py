@@ -5,11 +5,11 @@
 The variant is the workdir: its saved config.json, so the model fields match its checkpoint;
 training resumes from its latest checkpoint. Override data and train fields as usual.
 """
-from training import checkpoint
+from workdir import files
 
 
 def get_config(arg: str | None = None):
   if not arg:
     raise ValueError('configs/finetune.py needs the workdir as its variant: '
                      '--config=configs/finetune.py:DIR.')
-  return checkpoint.load_config(arg)
+  return files.load_config(arg)

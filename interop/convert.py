@@ -20,9 +20,8 @@ from absl import logging
 from configs import schema
 from interop import hf_config, hf_params, hf_tokenizer
 from interop.hf_config import InteropError
-from sampling.load import load_workdir
-from training import checkpoint as ckpt_lib
-from training import loop, optim
+from workdir import checkpoints, files
+from workdir.load import load_workdir
 
 # A pre-trained model wants a gentle fine-tune, not the from-scratch defaults of base_config().
 FINETUNE_DEFAULTS = {'train.learning_rate': 1e-5, 'train.warmup_steps': 10, 'train.steps': 100,
@@ -62,8 +61,8 @@ def _staged(target: str):
 def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
               param_dtype: str = 'float32') -> object:
   """Turns a Hugging Face folder into a workdir that train.py and sample.py use; returns its
-  config. The workdir holds config.json, the tokenizer files and an orbax checkpoint at step 0
-  (imported params, a fresh optimizer state)."""
+  config. The workdir holds config.json, the tokenizer files and a params-only orbax checkpoint
+  at step 0 (train.py starts a fresh optimizer state from it)."""
   _check_dtypes(dtype, param_dtype)
   hf = hf_config.read_hf_config(hf_dir)
   family = hf_config.family_of(hf)
@@ -83,8 +82,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     logging.warning('%s has no tokenizer.json or tokenizer.model; the workdir uses '
                     'data.tokenizer=byte.', hf_dir)
   folder = hf_params.SafetensorsFolder(hf_dir)
-  s = loop.setup(config)
-  abstract = s.abstract_state['params']
+  _, abstract, _ = checkpoints.abstract_params(config)
   specs = hf_params.tensor_specs(abstract)
   folder.check(specs, tied=config.model.tie_embeddings)
 
@@ -95,17 +93,10 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
             for spec, array in folder.read(specs, jnp.dtype(param_dtype))}
   params = jax.tree_util.tree_map_with_path(lambda p, _: values[hf_params.path_name(p)],
                                             abstract)
-  tx = optim.make_optimizer(config.train)
-  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step']),
-           'params': params,
-           'opt_state': jax.jit(tx.init, out_shardings=s.state_shardings['opt_state'])(params),
-           'rng': jax.device_put(loop.initial_rng(config.train.seed), s.state_shardings['rng'])}
   with _staged(workdir) as tmp:
-    ckpt_lib.write_config(tmp, config)
+    files.write_config(tmp, config)
     hf_tokenizer.copy_files(tok_files, tmp)
-    checkpointer = ckpt_lib.Checkpointer(tmp, keep=config.train.keep_checkpoints)
-    checkpointer.save(0, state)
-    checkpointer.close()
+    checkpoints.save_params(tmp, 0, params)
   return config
 
 
@@ -114,7 +105,7 @@ def export_hf(workdir: str, out: str, *, dtype: str | None = None,
   """Writes the workdir's latest parameters as a Hugging Face folder (safetensors, config.json,
   tokenizer files) that transformers' AutoModelForCausalLM loads; returns the config.json dict."""
   max_bytes = hf_params.parse_size(max_shard_size)
-  config = ckpt_lib.load_config(workdir)
+  config = files.load_config(workdir)
   family = hf_config.family_for(config.model)
   _check_target(out, '--to_hf')
   dtype = dtype or config.model.param_dtype

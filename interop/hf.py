@@ -6,7 +6,7 @@
 The imported workdir samples (`sample.py --workdir=DIR`) and fine-tunes
 (`train.py --config=configs/finetune.py:DIR --workdir=DIR`).
 """
-from training import hostenv
+from workdir import hostenv
 
 hostenv.ensure_fast_malloc()
 
@@ -14,7 +14,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from interop.convert import export_hf, import_hf  # noqa: E402
 from interop.hf_config import InteropError  # noqa: E402
-from training.checkpoint import WorkdirError  # noqa: E402
+from workdir.files import WorkdirError  # noqa: E402
 
 _FROM_HF = flags.DEFINE_string('from_hf', None, 'A Hugging Face folder (config.json, '
                                'safetensors, tokenizer.json) to import into --workdir.')

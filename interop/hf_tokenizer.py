@@ -17,8 +17,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from interop.hf_config import InteropError
-from training.tokenizer import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ByteTokenizer, Tokenizer,
-                                make_tokenizer)
+from text.tokenizer import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ByteTokenizer, Tokenizer,
+                            make_tokenizer)
 
 TOKENIZER_JSON = 'tokenizer.json'
 SENTENCEPIECE = 'tokenizer.model'

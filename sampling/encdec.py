@@ -120,6 +120,13 @@ def exact_match(graphdef, params, batches, *, bos_id: int, eos_id: int,
   return correct / max(total, 1)
 
 
+def eval_exact_match(graphdef, params, batches, tokenizer, put) -> dict:
+  """{'eval_exact_match'}: the held-out metric train.py adds for encoder-decoder tasks
+  (a training.loop.EvalFn)."""
+  return {'eval_exact_match': exact_match(graphdef, params, batches, bos_id=tokenizer.bos_id,
+                                          eos_id=tokenizer.eos_id, put=put)}
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'max_len', 'bos_id',
                                              'eos_id', 'alpha'))
 def beam_search_reference(graphdef, params, sources: jnp.ndarray, *, beam_size: int,

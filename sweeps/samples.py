@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from sampling.load import load_workdir
+from workdir.load import load_workdir
 from sampling.sampler import Sampler
 from sweeps.runner import read_json, write_json
 from sweeps.spec import SweepError

@@ -12,7 +12,7 @@ from configs import encdec, schema
 from tests.conftest import ROOT
 from training import data as data_lib
 from training import loop, metrics, seq2seq_data
-from training.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 
 
 def test_byte_tokenizer_round_trip():

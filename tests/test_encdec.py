@@ -16,7 +16,7 @@ from training import data as data_lib
 from training import loop
 from training import seq2seq_data, span_corruption
 from training.data import DataError
-from training.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 
 from tests import conftest
 

@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from training import checkpoint as ckpt_lib
-from training import guards, integrity, loop, metrics
+from training import guards, loop, metrics
+from workdir import integrity
 from tests.test_reliability import (_assert_trees_equal, _losses, _poison_steps, _restore,
                                     _train_cmd, _wait_for_step)
 from tests.test_scale import _free_port

@@ -30,13 +30,13 @@ from interop import hf_config, hf_tokenizer  # noqa: E402
 from interop.convert import export_hf, import_hf  # noqa: E402
 from interop.hf_config import InteropError  # noqa: E402
 from interop.hf_params import SafetensorsFolder  # noqa: E402
-from sampling.load import load_workdir  # noqa: E402
+from workdir.load import load_workdir  # noqa: E402
 from sampling.reference import generate_reference  # noqa: E402
 from sampling.sampler import Sampler  # noqa: E402
 from models import layers, positional  # noqa: E402
 from training import loop  # noqa: E402
-from training.chat import prompt_ids  # noqa: E402
-from training.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
+from text.chat import prompt_ids  # noqa: E402
+from text.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 ATOL = 1e-4
 WINDOW = 8

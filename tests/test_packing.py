@@ -134,7 +134,7 @@ def test_train_stream_shuffles_pieces_shards_them_and_eval_set_is_fixed():
 
 def test_padded_examples_pack_like_pairs():
   from training import seq2seq_data
-  from training.tokenizer import ByteTokenizer
+  from text.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   rng = np.random.default_rng(4)
   pairs = [(rng.integers(0, 256, size=rng.integers(0, 6)), rng.integers(0, 256, size=rng.integers(0, 6)))

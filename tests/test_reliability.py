@@ -18,7 +18,8 @@ import pytest
 
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
-from training import guards, integrity, loop, mesh as mesh_lib, metrics, preemption
+from training import guards, loop, mesh as mesh_lib, metrics, preemption
+from workdir import integrity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,7 +250,7 @@ def test_damaged_newest_falls_back_to_previous(trained, tmp_path, capsys, how):
 
 def test_sampling_uses_the_previous_good_checkpoint_and_moves_nothing(trained, tmp_path,
                                                                       capsys):
-  from sampling.load import load_workdir
+  from workdir.load import load_workdir
   cfg, pristine = trained
   workdir = str(tmp_path / 'w')
   shutil.copytree(pristine, workdir)

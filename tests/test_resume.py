@@ -14,12 +14,13 @@ import pytest
 from configs import schema
 from training import checkpoint as ckpt_lib
 from training import loop, metrics, optim
+from workdir.files import write_config
 from tests.conftest import run_cli
 
 
 def _workdir_with_run(tmp_path, cfg, step=5, data=True):
   """A workdir that looks resumable: config.json and a committed step (with a data position)."""
-  ckpt_lib.write_config(str(tmp_path), cfg)
+  write_config(str(tmp_path), cfg)
   os.makedirs(tmp_path / 'checkpoints' / str(step) / ('data' if data else 'state'))
   return str(tmp_path)
 

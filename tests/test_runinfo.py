@@ -9,7 +9,8 @@ import pytest
 
 from configs import schema
 from training import checkpoint as ckpt_lib
-from training import loop, metrics, runinfo
+from training import loop, metrics
+from workdir import runinfo
 from tests.conftest import ROOT
 
 

@@ -19,7 +19,7 @@ from sampling import sampler as sampler_lib
 from sampling.reference import generate_reference
 from sampling.rules import sample_tokens
 from sampling.sampler import Sampler, stream_text
-from training.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 from tests.test_sampling_rules import numpy_filter
 
 ATOL = 1e-4

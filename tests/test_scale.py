@@ -144,12 +144,13 @@ def test_meshes_give_equal_losses_and_really_shard():
 def test_mesh_and_batch_errors_name_the_fields(tiny_config):
   from configs.schema import ConfigError
   from training import mesh as mesh_lib
+  from workdir import mesh as wd_mesh
   cfg = tiny_config({'mesh.data': 3, 'mesh.fsdp': 2})
   with pytest.raises(ConfigError, match=r'data\*fsdp\*tensor = 6 .* 8 devices'):
-    mesh_lib.mesh_shape(cfg.mesh, 8)
+    wd_mesh.mesh_shape(cfg.mesh, 8)
   with pytest.raises(ConfigError, match='8 is not divisible by 3'):
-    mesh_lib.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.fsdp': 3}).mesh, 8)
-  assert mesh_lib.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.tensor': 2}).mesh, 8) == (4, 1, 2)
+    wd_mesh.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.fsdp': 3}).mesh, 8)
+  assert wd_mesh.mesh_shape(tiny_config({'mesh.data': -1, 'mesh.tensor': 2}).mesh, 8) == (4, 1, 2)
   with pytest.raises(ConfigError, match=r'train.batch_size=4 .* data\*fsdp=8'):
     mesh_lib.check_batch(tiny_config(), (8, 1, 1))
   with pytest.raises(ConfigError, match=r'micro-batches of 2 rows .* data\*fsdp=4'):
@@ -157,7 +158,7 @@ def test_mesh_and_batch_errors_name_the_fields(tiny_config):
   mesh_lib.check_batch(tiny_config(), (2, 2, 2))
   bad_rules = tiny_config({'mesh.rules': (('embed', 'fsdp'), ('mlp', 'model'))})
   with pytest.raises(ConfigError, match="'mlp' maps to unknown mesh axis 'model'"):
-    mesh_lib.rules_of(bad_rules.mesh)
+    wd_mesh.rules_of(bad_rules.mesh)
 
 
 def test_distributed_settings_from_flags_env_and_slurm(monkeypatch):
@@ -333,7 +334,7 @@ def test_encoder_decoder_with_scanned_decoder_layers_computes_the_same(tiny_conf
 def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp_path):
   from interop.convert import export_hf
   from interop.hf_params import SafetensorsFolder
-  from sampling.load import load_workdir
+  from workdir.load import load_workdir
   from training import checkpoint as ckpt_lib
   from training import loop
   cfg = tiny_config({'model.scan_layers': True})

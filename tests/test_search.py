@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from configs import default, schema
-from sampling.load import load_workdir
+from workdir.load import load_workdir
 from sampling.reference import generate_reference
 from sweeps import runner, search, spec
 from tests.conftest import ROOT

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, run_cli
 from training import token_cache
 from training.documents import DataError
 from training.token_stream import Cache, TokenStream
-from training.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

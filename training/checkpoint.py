@@ -1,9 +1,10 @@
-"""Orbax checkpoints of the train state and the grain iterator; workdir bookkeeping.
+"""Writing and resuming orbax checkpoints of the train state and the grain iterator.
 
-Layout: WORKDIR/config.json (the resolved config), WORKDIR/checkpoints/<step>/{state,data}
-and <step>/sha256.json (training/integrity.py). Restoring onto a different mesh works: the
-abstract target carries the new shardings. A restore verifies the newest step and falls back to
-older ones; old steps are deleted only once a newer one is committed and checksummed.
+Layout (workdir/checkpoints.py): WORKDIR/checkpoints/<step>/{params,train,data} and
+<step>/sha256.json (workdir/integrity.py). Restoring onto a different mesh works: the abstract
+target carries the new shardings. A restore verifies the newest step and falls back to older
+ones; old steps are deleted only once a newer one is committed and checksummed. A step with
+parameters only (an import) restores as {'params'}: the caller starts a fresh optimizer state.
 """
 from __future__ import annotations
 
@@ -15,27 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from configs import schema
-from training import integrity
+from workdir import checkpoints as ckpts
+from workdir import integrity
+from workdir.files import WorkdirError, config_path, load_config
 
-
-class WorkdirError(ValueError):
-  """The workdir cannot be used as asked (different model, nothing to restore...)."""
-
-
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, 'config.json')
-
-
-def load_config(workdir: str):
-  """The resolved config a workdir was trained with."""
-  path = config_path(workdir)
-  if not os.path.isfile(path):
-    raise WorkdirError(f'--workdir={workdir}: no config.json there (not a training workdir).')
-  with open(path) as f:
-    return schema.from_json(f.read())
+TRAIN_FIELDS = ('step', 'opt_state', 'rng')   # the `train` item; `params` is its own item
 
 
 def check_resume(workdir: str, config) -> list[str] | None:
@@ -59,47 +46,6 @@ def check_resume(workdir: str, config) -> list[str] | None:
                        f'{"; ".join(fixed)} (saved -> given). These fields are fixed once a run '
                        'has started: use a new --workdir, or the saved values to resume.')
   return elastic
-
-
-def write_config(workdir: str, config) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = config_path(workdir) + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(schema.to_json(config))
-  os.replace(tmp, config_path(workdir))
-
-
-def _param_shapes(tree) -> dict:
-  name = lambda path: '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-                               for k in path)
-  return {name(p).removesuffix('.value'): tuple(leaf.shape)
-          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def check_param_shapes(abstract_params, saved_params) -> None:
-  """Raises WorkdirError naming the first parameter whose checkpointed shape differs from the
-  config's (e.g. model.vocab_size changed in config.json), before orbax tries to restore it."""
-  want, have = _param_shapes(abstract_params), _param_shapes(saved_params)
-  missing = sorted(set(want) - set(have))
-  if missing:
-    raise WorkdirError(f'the checkpoint has no parameter {missing[0]} that the config\'s model '
-                       'needs: the config does not describe the checkpointed model.')
-  for key in sorted(want):
-    if want[key] != have[key]:
-      hint = (f' (model.vocab_size={want[key][0]}, the checkpoint has {have[key][0]})'
-              if key.endswith('embed.embedding') and want[key][0] != have[key][0] else '')
-      raise WorkdirError(f'checkpoint parameter {key} has shape {have[key]} but the config gives '
-                         f'{want[key]}{hint}: the config does not describe the checkpointed '
-                         'model.')
-
-
-def _write_manifest_once(step_dir: str) -> None:
-  """Process 0 writes the manifest of the shared step directory; in multi-process runs the
-  others wait for it, so that every process then sees the same sealed steps."""
-  if jax.process_index() == 0:
-    integrity.write_manifest(step_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'lmx: manifest of {step_dir}')
 
 
 def _nonfinite_leaf(state) -> str | None:
@@ -127,9 +73,10 @@ class Checkpointer:
     self.workdir, self.keep, self.read_only = workdir, keep, read_only
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+        item_handlers={ckpts.PARAMS: ocp.StandardCheckpointHandler(),
+                       ckpts.TRAIN: ocp.StandardCheckpointHandler(),
+                       ckpts.DATA: grain.checkpoint.CheckpointHandler(),
+                       ckpts.META: ocp.JsonCheckpointHandler()})
     self._unsealed: int | None = None   # saved, but its manifest is not written yet
     self.restored_step: int | None = None
     self.restored_meta: dict = {}   # the restored step's `meta` ({} for older checkpoints)
@@ -137,8 +84,7 @@ class Checkpointer:
   @staticmethod
   def steps(workdir: str) -> list[int]:
     """The committed steps on disk, oldest first (no orbax manager needed)."""
-    root = os.path.join(workdir, 'checkpoints')
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    return ckpts.steps(workdir)
 
   @staticmethod
   def exists(workdir: str) -> bool:
@@ -154,11 +100,12 @@ class Checkpointer:
     """Starts an asynchronous save; the previous one is sealed (checksummed) first.
     meta: small JSON-able facts about the run at this step (restored as `restored_meta`)."""
     self._seal()
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {ckpts.PARAMS: ocp.args.StandardSave(state['params']),
+             ckpts.TRAIN: ocp.args.StandardSave({k: state[k] for k in TRAIN_FIELDS})}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      items[ckpts.DATA] = grain.checkpoint.CheckpointSave(data_iter)
     if meta is not None:
-      items['meta'] = ocp.args.JsonSave(meta)
+      items[ckpts.META] = ocp.args.JsonSave(meta)
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     except OSError as e:
@@ -185,7 +132,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001  (whatever the writer raised in the background)
       raise self._save_failed(step, e) from e
-    _write_manifest_once(self.step_dir(step))
+    ckpts.seal(self.step_dir(step))
     sealed = [s for s in self.manager.all_steps() if integrity.has_manifest(self.step_dir(s))]
     if len(sealed) > self.keep:
       for s in self.manager.all_steps():
@@ -194,8 +141,8 @@ class Checkpointer:
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None):
     """Restores into the shapes/shardings of `abstract_state`; `data_iter` is updated in place
-    when the checkpoint holds its position (an imported model's step-0 checkpoint does not:
-    the data then starts from the beginning).
+    when the checkpoint holds its position. A params-only step (an imported model's step 0)
+    returns {'params'} alone: the caller starts the optimizer afresh, the data from the start.
 
     step=None: the newest usable step. A step that fails its checksums or its restore is
     reported on stderr and the previous one is tried; once one restores, the unusable newer
@@ -221,7 +168,7 @@ class Checkpointer:
         continue
       self.restored_step, self.restored_meta = s, meta
       if not self.read_only and not integrity.has_manifest(self.step_dir(s)):
-        _write_manifest_once(self.step_dir(s))  # committed before a kill: seal it now
+        ckpts.seal(self.step_dir(s))  # committed before a kill: seal it now
       for bad, why in problems:
         note = f'checkpoint {bad} is unusable ({why})'
         if not self.read_only:
@@ -235,17 +182,25 @@ class Checkpointer:
     raise WorkdirError(f'--workdir={self.workdir}: no checkpoint could be restored ({detail}). '
                        'Nothing was changed.')
 
-  def _restore(self, step: int, abstract_state, data_iter) -> tuple[object, dict]:
-    """(state, meta) of `step`; meta is {} when the checkpoint has none."""
-    saved = self.manager.item_metadata(step)
-    check_param_shapes(abstract_state['params'], saved['state']['params'])
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None and 'data' in saved:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    if os.path.isdir(os.path.join(self.step_dir(step), 'meta')):
-      items['meta'] = ocp.args.JsonRestore()
+  def _restore(self, step: int, abstract_state, data_iter) -> tuple[dict, dict]:
+    """(state, meta) of `step`; meta is {} when the checkpoint has none, state holds 'params'
+    alone when the step has no `train` item (an import)."""
+    if not ckpts.has_item(self.workdir, step, ckpts.PARAMS):
+      raise ValueError(f'it has no {ckpts.PARAMS}/ item (a checkpoint of an older version of '
+                       'this code?)')
+    ckpts.check_param_shapes(abstract_state['params'],
+                             self.manager.item_metadata(step)[ckpts.PARAMS].tree)
+    items = {ckpts.PARAMS: ocp.args.StandardRestore(abstract_state['params'])}
+    has_train = ckpts.has_item(self.workdir, step, ckpts.TRAIN)
+    if has_train:
+      items[ckpts.TRAIN] = ocp.args.StandardRestore({k: abstract_state[k] for k in TRAIN_FIELDS})
+    if data_iter is not None and ckpts.has_item(self.workdir, step, ckpts.DATA):
+      items[ckpts.DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    if ckpts.has_item(self.workdir, step, ckpts.META):
+      items[ckpts.META] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state'], dict(restored['meta']) if 'meta' in items else {}
+    state = {'params': restored[ckpts.PARAMS], **(restored[ckpts.TRAIN] if has_train else {})}
+    return state, dict(restored[ckpts.META]) if ckpts.META in items else {}
 
   def close(self) -> None:
     self._seal()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from training.checkpoint import WorkdirError
+from workdir.files import WorkdirError
 
 POLICIES = ('skip', 'stop')
 

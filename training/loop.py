@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import sys
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from flax import nnx
 
 from configs import schema
 from models import build_model
-from sampling import encdec as encdec_sampling
+from text.tokenizer import make_tokenizer
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import guards
@@ -29,9 +30,10 @@ from training import seq2seq_data
 from training import mesh as mesh_lib
 from training import optim
 from training import preemption
-from training import runinfo
 from training.metrics import MetricsLogger, check_wandb
-from training.tokenizer import make_tokenizer
+from workdir import files as wd_files
+from workdir import mesh as wd_mesh
+from workdir import runinfo
 
 
 def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray):
@@ -114,6 +116,7 @@ class Setup:
   abstract_state: dict
   state_shardings: dict
   init_state: callable
+  state_from_params: callable   # (params, step) -> a train state with a fresh optimizer state
   train_step: callable
   eval_step: callable
   schedule: callable
@@ -121,32 +124,37 @@ class Setup:
 
 def setup(config, devices=None) -> Setup:
   """Builds the mesh, the abstract (sharded) train state and the jitted steps; compiles nothing."""
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  rules = mesh_lib.rules_of(config.mesh)
+  mesh = wd_mesh.make_mesh(config.mesh, devices)
+  rules = wd_mesh.rules_of(config.mesh)
   mesh_lib.check_batch(config, tuple(mesh.shape.values()), jax.process_count())
-  in_mesh = functools.partial(mesh_lib.under_rules, mesh=mesh, rules=rules)
+  in_mesh = functools.partial(wd_mesh.under_rules, mesh=mesh, rules=rules)
   tx = optim.make_optimizer(config.train)
+
+  def state_from_params(params, step):
+    return {'step': jnp.asarray(step, jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'rng': initial_rng(config.train.seed)}
 
   def create_state():
     model = build_model(config, nnx.Rngs(config.train.seed))
-    params = nnx.state(model, nnx.Param)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-            'rng': initial_rng(config.train.seed)}
+    return state_from_params(nnx.state(model, nnx.Param), 0)
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
   abstract = jax.eval_shape(create_state)
-  shardings = mesh_lib.state_shardings(abstract, mesh, rules)
+  shardings = wd_mesh.state_shardings(abstract, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  batch_sh, rep = mesh_lib.batch_sharding(mesh), wd_mesh.replicated(mesh)
   step_fn = guards.skip_nonfinite(make_train_step(graphdef, tx, config.train.grad_accum_steps))
   train_step = jax.jit(in_mesh(step_fn),
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                        donate_argnums=0)
   eval_step = jax.jit(in_mesh(make_eval_step(graphdef)),
                       in_shardings=(shardings['params'], batch_sh), out_shardings=rep)
+  from_params = jax.jit(in_mesh(state_from_params), in_shardings=(shardings['params'], None),
+                        out_shardings=shardings, donate_argnums=0)
   return Setup(config, mesh, graphdef, abstract, shardings,
-               jax.jit(in_mesh(create_state), out_shardings=shardings), train_step, eval_step,
+               jax.jit(in_mesh(create_state), out_shardings=shardings), from_params, train_step,
+               eval_step,
                optim.learning_rate_schedule(config.train))
 
 
@@ -174,26 +182,31 @@ def load_data(config, tokenizer) -> tuple:
   return data_lib.lm_data(d, t, tokenizer.pad_id, process_index=pi, process_count=pc)
 
 
-def eval_metrics(s: Setup, params, batches: list, tokenizer) -> dict:
-  """{'eval_loss'}, plus 'eval_exact_match' (greedy outputs equal to the target) for
-  encoder-decoder tasks."""
+# An extra held-out metric: (graphdef, params, batches, tokenizer, put) -> {name: value}, where
+# put(batch) places a host batch on the mesh. The CLI passes generation-based ones (e.g.
+# sampling.encdec.eval_exact_match), so that training never imports sampling.
+EvalFn = Callable[..., dict]
+
+
+def eval_metrics(s: Setup, params, batches: list, tokenizer, extra: Sequence[EvalFn] = ()) -> dict:
+  """{'eval_loss'} and whatever the `extra` metrics add."""
   line = {'eval_loss': evaluate(s, params, batches)}
-  if s.config.data.task != 'lm':
-    put = lambda b: mesh_lib.put_batch(mesh_lib.process_rows(b), s.mesh)
-    line['eval_exact_match'] = encdec_sampling.exact_match(
-        s.graphdef, params, batches, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, put=put)
+  put = lambda b: mesh_lib.put_batch(mesh_lib.process_rows(b), s.mesh)
+  for fn in extra:
+    line.update(fn(s.graphdef, params, batches, tokenizer, put))
   return line
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None,
+          extra_evals: Sequence[EvalFn] = ()) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
 
   stop_after: leave after this global step (checkpointed) without finishing the schedule.
   SIGTERM/SIGINT: the current step finishes, is checkpointed, and train returns early with
   'stopped' set to the signal's name. A NaN/Inf step is skipped; train.nonfinite='stop' raises
   guards.NonfiniteError after train.max_nonfinite_steps in a row.
-  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy', 'stopped'} (+ 'eval_exact_match' for
-  encoder-decoder tasks).
+  extra_evals: more held-out metrics, computed at every evaluation (see EvalFn).
+  Returns {'step', 'loss', 'eval_loss', 'unigram_entropy', 'stopped'} and the extra metrics.
   """
   schema.validate(config)
   t = config.train
@@ -211,13 +224,16 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   s = setup(config)
   existing = len(ckpt_lib.Checkpointer.steps(workdir))
   guards.check_workdir(workdir, guards.state_bytes(s.abstract_state), t.keep_checkpoints, existing)
-  ckpt_lib.write_config(workdir, config)
+  wd_files.write_config(workdir, config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   data_iter = iter(train_ds)
   nonfinite = guards.NonfiniteGuard(t.nonfinite, t.max_nonfinite_steps)
+  fresh_optimizer = False
   if changes is not None and checkpointer.latest_step() is not None:
     state = checkpointer.restore(s.abstract_state, data_iter)
     nonfinite.in_a_row = checkpointer.restored_meta.get('nonfinite_in_a_row', 0)
+    if 'opt_state' not in state:  # parameters only (an import): fine-tune from them
+      state, fresh_optimizer = s.state_from_params(state['params'], checkpointer.restored_step), True
   else:
     state = s.init_state()
   start = int(state['step'])
@@ -226,7 +242,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0,
                          wandb_project=t.wandb_project, run_config=config.to_dict())
-  if start:
+  if fresh_optimizer:
+    logger.print(f'Fine-tuning the parameters of {workdir} (step {start}) with a fresh optimizer '
+                 'state: the checkpoint holds parameters only.')
+  elif start:
     logger.print(f'Resuming {workdir} from step {start}'
                  + (f' with changes: {"; ".join(changes)}.' if changes else '.'))
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -249,7 +268,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         logger.write(step, line)
         last_time, last_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
-        evals = eval_metrics(s, state['params'], eval_set, tokenizer)
+        evals = eval_metrics(s, state['params'], eval_set, tokenizer, extra_evals)
         logger.write(step, evals)
         last_time = time.time()  # evaluation time is not training throughput
       stopping = stop.agree()
@@ -268,7 +287,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             'eval_loss': None, 'unigram_entropy': baseline, **evals, 'stopped': stop.name or None}
   if int(state['step']) == t.steps and jax.process_index() == 0:
     if not evals:
-      result.update(eval_metrics(s, state['params'], eval_set, tokenizer))
+      result.update(eval_metrics(s, state['params'], eval_set, tokenizer, extra_evals))
     eval_loss = result['eval_loss']
     unit = 'nats/byte' if tokenizer.name == 'byte' else 'nats/token'
     print(f'Held-out loss {eval_loss:.4f} {unit}; unigram baseline of the same split '

@@ -20,7 +20,7 @@ from configs import schema
 from training import data as data_lib
 from training import loop
 from training import mesh as mesh_lib
-from training.tokenizer import make_tokenizer
+from text.tokenizer import make_tokenizer
 
 GIB = 1024 ** 3
 

@@ -17,7 +17,7 @@ from training import data as data_lib
 from training import packing, span_corruption, token_cache
 from training.data import DataError
 from training.token_stream import Cache
-from training.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 ALPHABET = 'abcdefghijklmnopqrstuvwxyz'
 

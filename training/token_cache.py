@@ -35,7 +35,7 @@ import tqdm
 
 from training.documents import (PAIR_FIELDS, BadRecords, DataError, corpus_files, plan, records,
                                 unit_bytes_for)
-from training.tokenizer import make_tokenizer
+from text.tokenizer import make_tokenizer
 
 FORMAT = 1
 MANIFEST = 'manifest.json'

@@ -45,9 +45,10 @@ def has_manifest(step_dir: str) -> bool:
   return os.path.isfile(os.path.join(step_dir, MANIFEST))
 
 
-def verify(step_dir: str) -> str | None:
+def verify(step_dir: str, only: str | None = None) -> str | None:
   """None when every file in the manifest is present with its size and sha256, else what is
-  wrong. A step without a manifest (killed between commit and manifest) is not checked here."""
+  wrong. A step without a manifest (killed between commit and manifest) is not checked here.
+  only: check just the files under this subfolder (one checkpoint item, e.g. 'params')."""
   if not has_manifest(step_dir):
     return None
   try:
@@ -56,6 +57,8 @@ def verify(step_dir: str) -> str | None:
   except (OSError, ValueError, KeyError) as e:
     return f'its {MANIFEST} is unreadable ({e})'
   for name, (size, digest) in sorted(entries.items()):
+    if only is not None and not name.startswith(only + '/'):
+      continue
     path = os.path.join(step_dir, name)
     if not os.path.isfile(path):
       return f'{name} is missing'

@@ -1,0 +1,1 @@
+"""Tokenizers (text <-> ids), used by training, sampling and interop alike."""

@@ -1,0 +1,146 @@
+"""The checkpoints of a workdir, and restoring or saving only the parameters.
+
+Layout: WORKDIR/checkpoints/<step>/ holds one orbax directory per item, plus sha256.json
+(workdir/integrity.py):
+  params/  the model's nnx.State of Params: all that sampling, export and fine-tuning read
+  train/   {'step', 'opt_state', 'rng'}: what resuming a run needs besides the parameters
+  data/    the grain iterator position
+  meta/    small JSON facts of the run at that step (training/checkpoint.py)
+An imported workdir (interop) has `params` only; training starts its optimizer afresh from it.
+Reading the parameters opens `params/` alone, so the optimizer state (two parameter-sized Adam
+moments) is never read, verified or allocated for inference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from models import build_model
+from workdir import integrity
+from workdir import mesh as mesh_lib
+from workdir.files import WorkdirError
+
+PARAMS, TRAIN, DATA, META = 'params', 'train', 'data', 'meta'
+
+
+def root(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def step_dir(workdir: str, step: int) -> str:
+  return os.path.join(os.path.abspath(root(workdir)), str(step))
+
+
+def steps(workdir: str) -> list[int]:
+  """The committed steps on disk, oldest first (orbax's unfinished saves are not digits)."""
+  path = root(workdir)
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def has_item(workdir: str, step: int, item: str) -> bool:
+  return os.path.isdir(os.path.join(step_dir(workdir, step), item))
+
+
+def _param_shapes(tree) -> dict:
+  name = lambda path: '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                               for k in path)
+  return {name(p).removesuffix('.value'): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_param_shapes(abstract_params, saved_params) -> None:
+  """Raises WorkdirError naming the first parameter whose checkpointed shape differs from the
+  config's (e.g. model.vocab_size changed in config.json), before orbax tries to restore it."""
+  want, have = _param_shapes(abstract_params), _param_shapes(saved_params)
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise WorkdirError(f'the checkpoint has no parameter {missing[0]} that the config\'s model '
+                       'needs: the config does not describe the checkpointed model.')
+  for key in sorted(want):
+    if want[key] != have[key]:
+      hint = (f' (model.vocab_size={want[key][0]}, the checkpoint has {have[key][0]})'
+              if key.endswith('embed.embedding') and want[key][0] != have[key][0] else '')
+      raise WorkdirError(f'checkpoint parameter {key} has shape {have[key]} but the config gives '
+                         f'{want[key]}{hint}: the config does not describe the checkpointed '
+                         'model.')
+
+
+def abstract_params(config, devices=None) -> tuple[object, object, jax.sharding.Mesh]:
+  """(graphdef, abstract params, mesh) of `config`'s model: the params are an nnx.State of
+  jax.ShapeDtypeStruct carrying their shardings on the config's mesh. Nothing is allocated."""
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  abstract = nnx.state(model, nnx.Param)
+  shardings = mesh_lib.state_shardings(abstract, mesh, mesh_lib.rules_of(config.mesh))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return nnx.graphdef(model), abstract, mesh
+
+
+def seal(path: str) -> None:
+  """Process 0 writes the checksum manifest of a committed step directory; in multi-process
+  runs the others wait for it, so that every process then sees the same sealed steps."""
+  if jax.process_index() == 0:
+    integrity.write_manifest(path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'lmx: manifest of {path}')
+
+
+def _restore_params(path: str, abstract_params):
+  """The `params` item of step directory `path`, into the shapes/shardings of the abstract
+  nnx.State `abstract_params`."""
+  item = os.path.join(path, PARAMS)
+  handler = ocp.StandardCheckpointHandler()
+  check_param_shapes(abstract_params, handler.metadata(epath.Path(item)).tree)
+  with ocp.Checkpointer(handler) as checkpointer:
+    return checkpointer.restore(item, args=ocp.args.StandardRestore(abstract_params))
+
+
+def restore_params(workdir: str, abstract_params, step: int | None = None) -> tuple[object, int]:
+  """(parameters, step) of the newest usable checkpoint (or of `step`): only the `params` item
+  is verified against its checksums and read. A damaged newer step is reported on stderr and
+  the previous one used; nothing is moved or written (training does that). Raises
+  WorkdirError when no step restores."""
+  candidates = [step] if step is not None else steps(workdir)[::-1]
+  if not candidates:
+    raise WorkdirError(f'--workdir={workdir}: no checkpoint there yet.')
+  problems = []
+  for s in candidates:
+    path = step_dir(workdir, s)
+    problem = (f'it has no {PARAMS}/ item' if not os.path.isdir(os.path.join(path, PARAMS))
+               else integrity.verify(path, only=PARAMS))
+    if problem is None:
+      try:
+        params = _restore_params(path, abstract_params)
+      except WorkdirError:  # the config does not describe this model: not damage
+        raise
+      except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
+        problem = f'restoring it failed: {type(e).__name__}: {str(e)[:300]}'
+    if problem is not None:
+      problems.append((s, problem))
+      continue
+    for bad, why in problems:
+      print(f'warning: checkpoint {bad} is unusable ({why}); using the previous good '
+            f'checkpoint, step {s}.', file=sys.stderr)
+    return params, s
+  detail = '; '.join(f'step {s}: {why}' for s, why in problems)
+  raise WorkdirError(f'--workdir={workdir}: no checkpoint could be restored ({detail}).')
+
+
+def save_params(workdir: str, step: int, params) -> None:
+  """Writes a params-only checkpoint at `step` (an import: no optimizer or data state) and
+  seals it with its checksums."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
+  manager = ocp.CheckpointManager(os.path.abspath(root(workdir)), options=options,
+                                  item_handlers={PARAMS: ocp.StandardCheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
+               force=True)
+  manager.wait_until_finished()
+  manager.close()
+  seal(step_dir(workdir, step))
