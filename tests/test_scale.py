@@ -334,6 +334,7 @@ def test_encoder_decoder_with_scanned_decoder_layers_computes_the_same(tiny_conf
 def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp_path):
   from interop.convert import export_hf
   from interop.hf_params import SafetensorsFolder
+  from workdir.files import write_config
   from workdir.load import load_workdir
   from training import checkpoint as ckpt_lib
   from training import loop
@@ -342,7 +343,7 @@ def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp
   state = s.init_state()
   tokens = _tokens(cfg)
   want = np.asarray(nnx.merge(s.graphdef, state['params'])(tokens))
-  ckpt_lib.write_config(str(tmp_path / 'wd'), cfg)
+  write_config(str(tmp_path / 'wd'), cfg)
   saver = ckpt_lib.Checkpointer(str(tmp_path / 'wd'))
   saver.save(0, state)
   saver.close()
