@@ -20,7 +20,8 @@ from absl import logging
 from configs import schema
 from interop import hf_config, hf_params, hf_tokenizer
 from interop.hf_config import InteropError
-from workdir import checkpoints, files
+from text.tokenizer import make_tokenizer
+from workdir import checkpoints, files, runinfo
 from workdir.load import load_workdir
 
 # A pre-trained model wants a gentle fine-tune, not the from-scratch defaults of base_config().
@@ -82,7 +83,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     logging.warning('%s has no tokenizer.json or tokenizer.model; the workdir uses '
                     'data.tokenizer=byte.', hf_dir)
   folder = hf_params.SafetensorsFolder(hf_dir)
-  _, abstract, _ = checkpoints.abstract_params(config)
+  _, abstract, mesh = checkpoints.abstract_params(config)
   specs = hf_params.tensor_specs(abstract)
   folder.check(specs, tied=config.model.tie_embeddings)
 
@@ -97,6 +98,8 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     files.write_config(tmp, config)
     hf_tokenizer.copy_files(tok_files, tmp)
     checkpoints.save_params(tmp, 0, params)
+    tok_file = os.path.join(tmp, hf_tokenizer.TOKENIZER_JSON) if tok_files else None
+    runinfo.record_launch(tmp, config, make_tokenizer(tok_file or 'byte'), mesh, 0, tokenizer_file=tok_file, imported_from=os.path.abspath(hf_dir))
   return config
 
 

@@ -73,10 +73,12 @@ class TensorSpec:
     n_in = self.layout[1]
     return (math.prod(self.shape[n_in:]), math.prod(self.shape[:n_in]))
 
-  def to_ours(self, x: np.ndarray) -> np.ndarray:
+  def to_ours(self, x: np.ndarray, dtype=None) -> np.ndarray:
+    """HF layout -> ours, cast to `dtype`, in at most one copy."""
+    dtype = x.dtype if dtype is None else dtype
     if self.layout in ('same', 'flat'):
-      return x.reshape(self.shape)
-    return np.ascontiguousarray(x.T).reshape(self.shape)
+      return x.astype(dtype, copy=False).reshape(self.shape)
+    return np.array(x.T, dtype=dtype, order='C').reshape(self.shape)
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     if self.layout in ('same', 'flat'):
@@ -173,16 +175,23 @@ class SafetensorsFolder:
                          'config.json describes (unsupported architecture variant?).')
 
   def read(self, specs: list[TensorSpec], dtype):
-    """Yields (spec, array in our layout and `dtype`), one shard file open at a time."""
-    by_file = {}
-    for s in specs:
-      by_file.setdefault(self.entries[s.hf][0], []).append(s)
+    """Yields (spec, array in our layout and `dtype`), one tensor in host memory at a time.
+
+    Each tensor is read from a file opened for it alone, so no memory mapping of a whole shard
+    stays resident, and converted in one copy. A file that cannot be read (truncated...) is an
+    InteropError naming it.
+    """
     # The flax framework reads bf16 (numpy cannot); keep the arrays on the host.
     with jax.default_device(jax.local_devices(backend='cpu')[0]):
-      for name, file_specs in sorted(by_file.items()):
-        with safe_open(os.path.join(self.folder, name), framework='flax') as f:
-          for s in file_specs:
-            yield s, s.to_ours(np.asarray(f.get_tensor(s.hf)).astype(dtype))
+      for s in sorted(specs, key=lambda s: self.entries[s.hf][0]):
+        path = os.path.join(self.folder, self.entries[s.hf][0])
+        try:
+          with safe_open(path, framework='flax') as f:
+            raw = f.get_tensor(s.hf)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+          raise InteropError(f'{path}: tensor {s.hf} cannot be read ({e}).') from None
+        yield s, s.to_ours(np.asarray(raw), dtype)
+        del raw
 
 
 def parse_size(text: str) -> int:

@@ -24,3 +24,4 @@ def test_train_resume_and_sample(tmp_path):
                '--num_samples=2', '--seed=1')
   assert sample.returncode == 0, sample.stderr
   assert sample.stdout.count('import o') == 2
+  assert sample.stderr == ''   # no library noise

@@ -254,11 +254,29 @@ def test_sampling_uses_the_previous_good_checkpoint_and_moves_nothing(trained, t
   cfg, pristine = trained
   workdir = str(tmp_path / 'w')
   shutil.copytree(pristine, workdir)
-  _damage(os.path.join(workdir, 'checkpoints', '20'), 'flip')
+  _damage(os.path.join(workdir, 'checkpoints', '20', 'params'), 'flip')  # what sampling reads
   loaded = load_workdir(workdir)
   assert loaded.step == 15 and 'checkpoint 20 is unusable' in capsys.readouterr().err
   assert ckpt_lib.Checkpointer.steps(workdir) == [10, 15, 20]   # read-only: nothing moved
   _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=15)['params'])
+
+
+def test_sampling_and_export_never_read_the_optimizer_state(trained, tmp_path):
+  """Inference restores the `params` item alone: with every step's optimizer state (and data
+  position) deleted, sampling still loads the newest step's parameters and export works."""
+  from interop.convert import export_hf
+  from workdir.load import load_workdir
+  cfg, pristine = trained
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(pristine, workdir)
+  for step in (10, 15, 20):
+    for item in ('train', 'data'):
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step), item))
+  loaded = load_workdir(workdir)
+  assert loaded.step == 20
+  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=20)['params'])
+  export_hf(workdir, str(tmp_path / 'hf'))
+  assert os.path.isfile(os.path.join(tmp_path, 'hf', 'model.safetensors'))
 
 
 def test_training_resumes_past_a_damaged_checkpoint(trained, tmp_path):

@@ -12,6 +12,7 @@ moments) is never read, verified or allocated for inference.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -92,11 +93,20 @@ def seal(path: str) -> None:
     multihost_utils.sync_global_devices(f'lmx: manifest of {path}')
 
 
+def _in_flight_gb(params) -> float:
+  """orbax's bound on the bytes it writes or reads at once (by default 96 GB, i.e. the whole
+  tree, copied on the host before a write): here twice the largest parameter (orbax refuses an
+  array larger than the bound), so that saving or restoring needs memory for about two
+  parameters beyond the parameters themselves."""
+  largest = max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return (2 * largest + (1 << 20)) / 1e9
+
+
 def _restore_params(path: str, abstract_params):
   """The `params` item of step directory `path`, into the shapes/shardings of the abstract
   nnx.State `abstract_params`."""
   item = os.path.join(path, PARAMS)
-  handler = ocp.StandardCheckpointHandler()
+  handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_in_flight_gb(abstract_params))
   check_param_shapes(abstract_params, handler.metadata(epath.Path(item)).tree)
   with ocp.Checkpointer(handler) as checkpointer:
     return checkpointer.restore(item, args=ocp.args.StandardRestore(abstract_params))
@@ -138,7 +148,8 @@ def save_params(workdir: str, step: int, params) -> None:
   seals it with its checksums."""
   options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
   manager = ocp.CheckpointManager(os.path.abspath(root(workdir)), options=options,
-                                  item_handlers={PARAMS: ocp.StandardCheckpointHandler()})
+                                  item_handlers={PARAMS: ocp.StandardCheckpointHandler(
+                                      save_concurrent_gb=_in_flight_gb(params))})
   manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
                force=True)
   manager.wait_until_finished()

@@ -54,14 +54,16 @@ def _version(package: str) -> str:
     return 'unknown'
 
 
-def describe(config, tokenizer, mesh: jax.sharding.Mesh) -> dict:
-  """The fields of run.json except the launch history."""
+def describe(config, tokenizer, mesh: jax.sharding.Mesh,
+             tokenizer_file: str | None = None) -> dict:
+  """The fields of run.json except the launch history. tokenizer_file: where the tokenizer
+  file is now, when not yet at `data.tokenizer` (an import writing into a staging folder)."""
   devices = mesh.devices.flatten()
   return {
       'config_hash': schema.config_hash(config),
       'tokenizer': {'spec': config.data.tokenizer, 'name': str(tokenizer.name),
                     'vocab_size': int(tokenizer.vocab_size),
-                    'sha256': _sha256(config.data.tokenizer)},
+                    'sha256': _sha256(tokenizer_file or config.data.tokenizer)},
       'mesh': {name: int(size) for name, size in zip(mesh.axis_names, mesh.devices.shape)},
       'devices': {'platform': devices[0].platform, 'kind': devices[0].device_kind,
                   'count': int(devices.size), 'processes': jax.process_count()},
@@ -78,13 +80,16 @@ def read_run_info(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def record_launch(workdir: str, config, tokenizer, mesh, start_step: int) -> dict:
-  """Writes run.json for this launch (atomically), keeping earlier launches. Returns it."""
-  info = describe(config, tokenizer, mesh)
+def record_launch(workdir: str, config, tokenizer, mesh, start_step: int, *,
+                  tokenizer_file: str | None = None, **launch_fields) -> dict:
+  """Writes run.json for this launch (atomically), keeping earlier launches. Returns it.
+  launch_fields: more facts about this launch (e.g. imported_from=HF_DIR)."""
+  info = describe(config, tokenizer, mesh, tokenizer_file)
   previous = read_run_info(workdir) or {}
   launch = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'start_step': int(start_step), 'config_hash': info['config_hash'],
-            'code_revision': info['code_revision'], 'mesh': info['mesh'], 'argv': sys.argv}
+            'code_revision': info['code_revision'], 'mesh': info['mesh'], 'argv': sys.argv,
+            **launch_fields}
   info['launches'] = [*previous.get('launches', []), launch]
   os.makedirs(workdir, exist_ok=True)
   tmp = run_info_path(workdir) + '.tmp'
