@@ -73,6 +73,7 @@ def main():
     for dtype in args.dtypes.split(','):
       param_mib = n * {'float32': 4, 'bfloat16': 2}[dtype] / 2**20
       workdir = os.path.join(tmp, f'wd_{dtype}')
+      shutil.rmtree(workdir, ignore_errors=True)   # left by an earlier --keep run
       runs = {
           'import': [sys.executable, '-m', 'interop.hf', f'--from_hf={hf_dir}',
                      f'--workdir={workdir}', f'--param_dtype={dtype}', f'--dtype={dtype}'],

@@ -461,11 +461,8 @@ def test_export_refuses_models_no_family_expresses(tiny_config, overrides, words
 
 # --- bad input: one clear error naming the tensor or field, nothing written ------------------
 
-def _corrupt_copy(src, dst, edit_config=None, edit_tensors=None, truncate=False):
+def _corrupt_copy(src, dst, edit_config=None, edit_tensors=None):
   shutil.copytree(src, dst)
-  if truncate:  # cut inside the tensor data, after the header
-    path = os.path.join(dst, 'model.safetensors')
-    os.truncate(path, os.path.getsize(path) // 2)
   if edit_config:
     path = os.path.join(dst, 'config.json')
     with open(path) as f:
@@ -500,7 +497,6 @@ BAD_INPUTS = {
                     ['layer_types', '2 entries']),
     'activation': (dict(edit_config=lambda c: c.update(hidden_act='relu')),
                    ['hidden_act', 'relu']),
-    'truncated_file': (dict(truncate=True), ['model.safetensors']),
 }
 
 

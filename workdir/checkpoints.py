@@ -95,11 +95,11 @@ def seal(path: str) -> None:
 
 def _in_flight_gb(params) -> float:
   """orbax's bound on the bytes it writes or reads at once (by default 96 GB, i.e. the whole
-  tree, copied on the host before a write): here twice the largest parameter (orbax refuses an
-  array larger than the bound), so that saving or restoring needs memory for about two
-  parameters beyond the parameters themselves."""
+  tree, copied on the host before a write): here the largest parameter (orbax refuses an array
+  larger than the bound; 1 MiB spare for rounding), so that saving or restoring needs memory
+  for about one parameter beyond the parameters themselves."""
   largest = max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
-  return (2 * largest + (1 << 20)) / 1e9
+  return (largest + (1 << 20)) / 1e9
 
 
 def _restore_params(path: str, abstract_params):
