@@ -99,7 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   has_config = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
   if not has_config and any(a.startswith('--config.') for a in argv[1:]):
     workdir = _flag_value(argv[1:], 'workdir')
-    if workdir is None or not os.path.isfile(checkpoint.config_path(workdir)):
+    if workdir is None or not os.path.isfile(files.config_path(workdir)):
       where = 'no --workdir' if workdir is None else f'--workdir={workdir} holds no config.json'
       raise SystemExit(f'error: --config.KEY overrides need --config=FILE, or the --workdir of an '
                        f'existing run (they then apply to its saved config); {where}.')

@@ -98,8 +98,9 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     files.write_config(tmp, config)
     hf_tokenizer.copy_files(tok_files, tmp)
     checkpoints.save_params(tmp, 0, params)
-    tok_file = os.path.join(tmp, hf_tokenizer.TOKENIZER_JSON) if tok_files else None
-    runinfo.record_launch(tmp, config, make_tokenizer(tok_file or 'byte'), mesh, 0, tokenizer_file=tok_file, imported_from=os.path.abspath(hf_dir))
+    tok_file = os.path.join(tmp, os.path.basename(tok_files[0])) if tok_files else None
+    runinfo.record_launch(tmp, config, make_tokenizer(tok_file or 'byte'), mesh, 0,
+                          tokenizer_file=tok_file, imported_from=os.path.abspath(hf_dir))
   return config
 
 

@@ -1,7 +1,7 @@
 """Building blocks shared by every model: projections, norms, MLPs, embeddings, attention.
 
 Parameters carry logical axis names (`out_sharding` metadata, e.g. ('embed', 'mlp')) that
-`training/mesh.py` maps to mesh axes; modules never see the mesh.
+`workdir/mesh.py` maps to mesh axes; modules never see the mesh.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Activation sharding constraints by logical axis names.
 
 Modules never see the mesh: `constrain` reads the mesh and the logical axis rules the caller set
-(`jax.set_mesh` and `nnx.logical_axis_rules`, see training/mesh.py) and is a no-op without them.
+(`jax.set_mesh` and `nnx.logical_axis_rules`, see workdir/mesh.py) and is a no-op without them.
 """
 from __future__ import annotations
 
