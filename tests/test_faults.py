@@ -35,7 +35,8 @@ class _NoSpace:
 
 
 def _fail_save_number(monkeypatch, n):
-  """The n-th state save of this process fails in the background (its other writes succeed)."""
+  """The n-th orbax array-tree write of this process fails in the background (its other writes
+  succeed). Each checkpoint writes two: params/ then train/."""
   original = ocp.StandardCheckpointHandler.async_save
   calls = {'n': 0}
 
@@ -53,7 +54,7 @@ def test_a_failed_background_save_ends_the_run_and_older_checkpoints_resume(
   and trains exactly as the uninterrupted run."""
   cfg, pristine = trained
   workdir = str(tmp_path / 'run')
-  _fail_save_number(monkeypatch, 2)
+  _fail_save_number(monkeypatch, 3)   # checkpoint 10's params/
   with pytest.raises(ckpt_lib.WorkdirError) as e:
     loop.train(cfg, workdir)
   assert str(e.value).startswith(f'--workdir={workdir}: saving checkpoint 10 failed (OSError: '
