@@ -11,7 +11,9 @@ and :medium (8 layers, d_model 512, 25M parameters), random init, greedy. Prints
   sliding-window ring cache vs full cache bytes for W=256, L=4096
 Per-token time of the cached sampler: the time from its first token (prefill done) to the
 last of 1 + n, over n; of the full recompute: (time for 1 + r tokens - time for 1) / r.
-Timings are medians of interleaved repeats, so machine noise hits every variant alike.
+Timings are medians of interleaved repeats, so machine noise hits every variant alike; the
+decode ratio is also printed in CPU time (process_time: every thread of this process), which a
+machine loaded by other processes disturbs far less than wall time.
 """
 import argparse
 import os
@@ -43,14 +45,18 @@ def parse_args():
 
 
 def median_times(fns, repeats):
-  """Interleaved timing: {name: median seconds}; a fn may return the seconds it measured."""
-  times = {name: [] for name in fns}
+  """Interleaved timing: {name: median seconds}; a fn may return the seconds it measured, or a
+  dict of them ({'wall': s, 'cpu': s}: each gets its own median, as name/key)."""
+  times = {}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
       measured = fn()
-      times[name].append(measured if isinstance(measured, float)
-                         else time.perf_counter() - start)
+      if not isinstance(measured, dict):
+        measured = {None: measured if isinstance(measured, float)
+                    else time.perf_counter() - start}
+      for key, seconds in measured.items():
+        times.setdefault(name if key is None else f'{name}/{key}', []).append(seconds)
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -77,14 +83,14 @@ def timed_variants(args, variant, with_reference):
   n, r = args.new_tokens, args.reference_tokens
 
   def ours(ctx):
-    """Seconds from the first token (prefill done) to the last of 1 + n."""
+    """Wall and CPU seconds from the first token (prefill done) to the last of 1 + n."""
     def run():
       chunks = sampler.stream(prompts[ctx], max_new_tokens=1 + n)
       next(chunks)
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       for _ in chunks:
         pass
-      return time.perf_counter() - start
+      return {'wall': time.perf_counter() - start, 'cpu': time.process_time() - cpu}
     return run
 
   def reference(new):
@@ -98,7 +104,8 @@ def timed_variants(args, variant, with_reference):
   for fn in fns.values():   # compile
     fn()
   t = median_times(fns, args.repeats)
-  out = {128: t[128] / n, 1024: t[1024] / n}
+  out = {ctx: t[f'{ctx}/wall'] / n for ctx in (128, 1024)}
+  out.update({f'cpu{ctx}': t[f'{ctx}/cpu'] / n for ctx in (128, 1024)})
   if with_reference:
     out['reference'] = (t['ref_n'] - t['ref_1']) / r
   return config.model, out
@@ -111,7 +118,9 @@ def main():
   for variant in args.models.split(','):
     m, t = timed_variants(args, variant, with_reference=variant == args.models.split(',')[0])
     print(f'{describe(variant, m)} per-token decode ms: context 128 {1e3 * t[128]:.2f}, '
-          f'context 1024 {1e3 * t[1024]:.2f}, ratio {t[1024] / t[128]:.2f}x (target <= 1.3x)')
+          f'context 1024 {1e3 * t[1024]:.2f}, ratio {t[1024] / t[128]:.2f}x (target <= 1.3x); '
+          f'CPU ms {1e3 * t["cpu128"]:.2f} vs {1e3 * t["cpu1024"]:.2f}, ratio '
+          f'{t["cpu1024"] / t["cpu128"]:.2f}x')
     if 'reference' in t:
       print(f'{describe(variant, m)} context 1024 per token ms: full recompute '
             f'{1e3 * t["reference"]:.1f}, cached {1e3 * t[1024]:.2f}, cached is '

@@ -1,7 +1,9 @@
 """The KV cache: one small pytree per attention layer, allocated once and updated in place.
 
 A `LayerCache` holds, for a batch of B sequences:
-  k, v: [B, S, K, H]  keys and values (K = num_kv_heads: GQA / MQA shrink the cache by N / K)
+  k, v: [B, K, S, H]  keys and values (K = num_kv_heads: GQA / MQA shrink the cache by N / K),
+                      head-major: each (row, head) reads a contiguous [S, H] block, so decode
+                      multiplies against the cache as stored, without a transposed copy
   pos:  [B, S] int32  the position of the token held in each slot; -1 = empty or padding
 S is the allocated length L for full-attention layers and the window W for sliding-window
 layers, which keep a ring buffer (O(W) memory): the token of step index i lives in slot i % S
@@ -30,21 +32,38 @@ VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # decode reads the smallest such prefix ho
 
 
 class LayerCache(NamedTuple):
-  """k, v: [B, S, K, H]; pos: [B, S] int32 (-1 = empty). See the module docstring."""
+  """k, v: [B, K, S, H]; pos: [B, S] int32 (-1 = empty). See the module docstring."""
   k: jax.Array
   v: jax.Array
   pos: jax.Array
 
   @property
   def size(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
+
+  @classmethod
+  def from_sequence(cls, k: jax.Array, v: jax.Array, pos: jax.Array) -> 'LayerCache':
+    """A cache holding k, v [B, S, K, H] (the projections' layout) at positions pos [B, S]."""
+    return cls(_head_major(k), _head_major(v), pos.astype(jnp.int32))
+
+  def sequence(self, n: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k, v [B, n, K, H], pos [B, n]) of the first n slots (all by default): the layout
+    `dot_product_attention` takes. Its kernels want [B, K, n, H] again and XLA cancels the two
+    transposes, so the cache is read as stored."""
+    n = self.size if n is None else n
+    return _head_major(self.k[:, :, :n]), _head_major(self.v[:, :, :n]), self.pos[:, :n]
+
+
+def _head_major(x: jax.Array) -> jax.Array:
+  """[B, S, K, H] <-> [B, K, S, H] (its own inverse)."""
+  return x.transpose(0, 2, 1, 3)
 
 
 def init(batch: int, length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
          window: int | None = None) -> LayerCache:
   """An empty cache of L = `length` slots, or min(window, length) ring slots for a window."""
   size = length if window is None else min(window, length)
-  shape = (batch, size, num_kv_heads, head_dim)
+  shape = (batch, num_kv_heads, size, head_dim)
   return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                     jnp.full((batch, size), -1, jnp.int32))
 
@@ -56,13 +75,14 @@ def prefill(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array)
   tokens are kept, which is all a window of S ever sees again.
   """
   t, s = k.shape[1], cache.size
-  new = (k, v, positions.astype(jnp.int32))
+  new = LayerCache.from_sequence(k, v, positions)
+  axes = (2, 2, 1)   # the slot axis of k, v and pos
   if t <= s:
-    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), 0, axis=1)
-                        for old, x in zip(cache, new)))
+    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), 0, axis=a)
+                        for old, x, a in zip(cache, new, axes)))
   shift = (t - s) % s   # token j = t - s + i sits at position i of the tail; its slot is j % s
-  return LayerCache(*(jnp.roll(x[:, t - s:], shift, axis=1).astype(old.dtype)
-                      for old, x in zip(cache, new)))
+  return LayerCache(*(jnp.roll(jax.lax.slice_in_dim(x, t - s, t, axis=a), shift, axis=a)
+                      .astype(old.dtype) for old, x, a in zip(cache, new, axes)))
 
 
 def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
@@ -72,15 +92,16 @@ def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
   A ring (sliding-window) cache must take one token at a time: a longer write would evict keys
   its own earlier tokens still attend to.
   """
-  new = (k, v, positions.astype(jnp.int32))
+  new = LayerCache.from_sequence(k, v, positions)
   s, t = cache.size, k.shape[1]
   if t == 1:
     slot = jnp.asarray(index, jnp.int32) % s
-    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), slot, axis=1)
-                        for old, x in zip(cache, new)))
+    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), slot, axis=a)
+                        for old, x, a in zip(cache, new, (2, 2, 1))))
   slots = (jnp.asarray(index, jnp.int32) + jnp.arange(t)) % s
-  return LayerCache(*(old.at[:, slots].set(x.astype(old.dtype), unique_indices=True)
-                      for old, x in zip(cache, new)))
+  return LayerCache(cache.k.at[:, :, slots].set(new.k.astype(cache.k.dtype), unique_indices=True),
+                    cache.v.at[:, :, slots].set(new.v.astype(cache.v.dtype), unique_indices=True),
+                    cache.pos.at[:, slots].set(new.pos, unique_indices=True))
 
 
 def view_sizes(size: int, block: int = VIEW_BLOCK, growth: float = VIEW_GROWTH) -> list[int]:
@@ -108,7 +129,7 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
   local = None if window is None else (window - 1, 0)
 
   def over(n, q, positions, cache):
-    k, v, pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:, :n]
+    k, v, pos = cache.sequence(n)
     return dot_product_attention(q, k, v, mask=(pos >= 0)[:, None, None, :], is_causal=True,
                                  local_window_size=local, query_positions=positions,
                                  key_positions=pos, implementation=implementation, scale=scale,

@@ -200,7 +200,7 @@ class Attention(nnx.Module):
     pos = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape[:2])
     if context_mask is not None:
       pos = jnp.where(context_mask, pos, -1)
-    return kv_cache.LayerCache(self.k(context), self.v(context), pos)
+    return kv_cache.LayerCache.from_sequence(self.k(context), self.v(context), pos)
 
   def attend_context(self, x: jnp.ndarray, cache: kv_cache.LayerCache, *, segment_ids=None,
                      context_segment_ids=None) -> jnp.ndarray:
@@ -209,7 +209,8 @@ class Attention(nnx.Module):
     if (segment_ids is None) != (context_segment_ids is None):
       raise ValueError('cross attention of packed pairs needs both segment_ids (targets) and '
                        'context_segment_ids (sources), or neither.')
-    out = dot_product_attention(self.q(x), cache.k, cache.v, mask=(cache.pos >= 0)[:, None, None],
+    k, v, pos = cache.sequence()
+    out = dot_product_attention(self.q(x), k, v, mask=(pos >= 0)[:, None, None],
                                 query_segment_ids=segment_ids,
                                 key_segment_ids=context_segment_ids,
                                 scale=self.scale, logits_soft_cap=self.softcap,
@@ -233,7 +234,7 @@ class Attention(nnx.Module):
     kw = dict(window=self.sliding_window, implementation=self.implementation, scale=self.scale,
               logits_soft_cap=self.softcap)
     if cache_index is None:
-      out = kv_cache.attend(q, positions, kv_cache.LayerCache(k, v, positions), **kw)
+      out = kv_cache.attend(q, positions, kv_cache.LayerCache.from_sequence(k, v, positions), **kw)
       return self.o(out), kv_cache.prefill(cache, k, v, positions)
     if self.sliding_window is not None and x.shape[1] > 1:
       raise ValueError(f'a sliding-window cache decodes one token at a time; got {x.shape[1]}.')

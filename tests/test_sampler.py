@@ -102,11 +102,11 @@ def test_decode_logits_equal_full_forward(tiny_config, case):
 
 def test_ring_cache_holds_window_slots_and_positions():
   cache = kv_cache.init(2, 64, 2, 8, window=4)
-  assert cache.k.shape == (2, 4, 2, 8) and cache.pos.shape == (2, 4)
+  assert cache.k.shape == (2, 2, 4, 8) and cache.pos.shape == (2, 4)   # [B, K, W, H]
   k = jnp.arange(7, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 7, 2, 8))
   cache = kv_cache.prefill(cache, k, k, jnp.broadcast_to(jnp.arange(7), (2, 7)))
   np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 3])      # slot = position % 4
-  np.testing.assert_array_equal(cache.k[0, :, 0, 0], [4, 5, 6, 3])
+  np.testing.assert_array_equal(cache.k[0, 0, :, 0], [4, 5, 6, 3])
   one = jnp.full((2, 1, 2, 8), 7.0)
   cache = kv_cache.append(cache, one, one, jnp.full((2, 1), 7), jnp.int32(7))
   np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 7])
@@ -238,8 +238,8 @@ def test_decode_updates_the_cache_in_place(tiny_model):
       jnp.array([-1]), dict(temperature=jnp.float32(0), top_k=jnp.int32(0),
                             top_p=jnp.float32(1)), jax.random.key(0), cache_len=512)
   hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
-  shapes = {'f32[1,512,2,16]', 's32[1,512]'}
-  assert 'f32[1,512,2,16]' in hlo
+  shapes = {'f32[1,2,512,16]', 's32[1,512]'}   # k, v [B, K, L, H]; pos [B, L]
+  assert 'f32[1,2,512,16]' in hlo
   copies = [line for line in hlo.splitlines()
             if re.search(r'= (\S+?)\{[^}]*\} copy(-start)?\(', line)
             and re.search(r'= (\S+?)\{', line).group(1) in shapes]
