@@ -20,7 +20,7 @@ ENUMS = {
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.norm_position': ('pre', 'post', 'sandwich'),
     'model.positional': ('rope', 'sinusoidal', 'learned'),
-    'model.attention': ('auto', 'xla', 'blockwise', 'cudnn'),
+    'model.attention': ('auto', 'xla', 'blockwise', 'cudnn', 'splash'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'save_dots', 'save_dots_no_batch'),

@@ -10,7 +10,9 @@ returns zeros (jax returns the mean of the values there).
 
 Implementations: 'xla' (reference, materialises [T, S] scores), 'blockwise' (models/blockwise.py:
 tiled online softmax, O(T) memory, masked tiles skipped), 'cudnn' (jax's fused kernel, GPU only),
-None / 'auto' (`choose_implementation`).
+'splash' (jax's Pallas kernel, TPU only: models/splash.py), None / 'auto'
+(`choose_implementation`: a pure function of backend, dtype, shapes and which arguments are given;
+the models pass no positions when they are the default 0..T-1, so training reaches the kernels).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import splash
 from models.blockwise import blockwise_attention
 
-IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn')
+IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn', 'splash')
 # None picks blockwise when T * S reaches this (below it the reference is as fast on CPU and the
 # [T, S] scores are small); see benchmarks/attention.py.
 BLOCKWISE_MIN_SCORES = 512 * 1024
@@ -101,9 +104,10 @@ def _check_args(query, key, value, bias, mask, query_seq_lengths, key_value_seq_
   for name, size in (('block_q', block_q), ('block_kv', block_kv)):
     if size is not None and (not isinstance(size, (int, np.integer)) or size <= 0):
       raise ValueError(f'{name}={size!r}: must be a positive integer.')
-  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError(f"implementation='cudnn' needs a GPU; the default backend is "
-                     f"{jax.default_backend()!r}. Use 'blockwise', 'xla' or None.")
+  for impl, backend, kind in (('cudnn', 'gpu', 'a GPU'), ('splash', 'tpu', 'a TPU')):
+    if implementation == impl and jax.default_backend() != backend:
+      raise ValueError(f"implementation={impl!r} needs {kind}; the default backend is "
+                       f"{jax.default_backend()!r}. Use 'blockwise', 'xla' or None.")
 
 
 def attention_mask(batch: int, q_len: int, kv_len: int, *, mask=None, is_causal=False,
@@ -181,23 +185,33 @@ def xla_attention(query, key, value, bias, mask, scale, logits_soft_cap=None):
 
 
 def cudnn_supported(query, key, *, is_causal: bool, local_window, extras: bool,
-                    soft_cap: bool = False) -> bool:
+                    soft_cap: bool = False, backend: str | None = None) -> bool:
   """Whether jax's cuDNN kernel handles this call: GPU, half precision, head_dim a multiple of
   8 up to 128, a window only with causal masking, none of our extras (positions, segments) and
   no logit soft-capping (jax's cuDNN call has none)."""
   h = query.shape[-1]
-  return (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
+  backend = jax.default_backend() if backend is None else backend
+  return (backend == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)
           and h % 8 == 0 and h <= 128 and not extras and not soft_cap
           and (local_window is None or is_causal))
 
 
 def choose_implementation(query, key, *, is_causal: bool = False, local_window=None,
-                          extras: bool = False, soft_cap: bool = False) -> str:
-  """None / 'auto': cudnn where supported, else blockwise for T * S >= BLOCKWISE_MIN_SCORES,
-  else xla."""
-  if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window, extras=extras,
-                     soft_cap=soft_cap):
+                          positions: bool = False, segments: bool = False, bias: bool = False,
+                          mask: bool = False, lengths: bool = False, soft_cap: bool = False,
+                          backend: str | None = None) -> str:
+  """What None / 'auto' runs: a pure function of the backend (default: jax's), query/key
+  shapes and dtype, and which arguments the call has (explicit positions, segment ids, bias,
+  boolean mask, padding lengths, soft cap). On GPU cudnn where it applies; on TPU splash where
+  it applies; else blockwise for T * S >= BLOCKWISE_MIN_SCORES, else xla."""
+  backend = jax.default_backend() if backend is None else backend
+  if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window,
+                     extras=positions or segments, soft_cap=soft_cap, backend=backend):
     return 'cudnn'
+  if splash.supported(query, key, backend=backend, is_causal=is_causal,
+                      local_window=local_window, positions=positions, segments=segments,
+                      bias=bias, mask=mask, lengths=lengths):
+    return 'splash'
   if query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_SCORES:
     return 'blockwise'
   return 'xla'
@@ -219,7 +233,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     query_positions [B|1, T], key_positions [B|1, S]: positions used by the causal and window
       masks (default: 0..T-1 and 0..S-1, as in jax); key positions < 0 are never attended.
     query_segment_ids [B, T], key_segment_ids [B, S]: attend only within equal ids.
-    implementation: 'xla', 'blockwise', 'cudnn' (GPU only), or None / 'auto'.
+    implementation: 'xla', 'blockwise', 'cudnn' (GPU only), 'splash' (TPU only), or None /
+      'auto' (`choose_implementation`).
     block_q, block_kv: blockwise tile sizes (default 256 / 256; lengths need not divide).
     logits_soft_cap: None or c > 0: the scaled logits become c * tanh(logits / c) before the
       bias and mask apply (Gemma 2). jax's cuDNN kernel has no such option: 'cudnn' refuses it.
@@ -239,11 +254,30 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     logits_soft_cap = float(logits_soft_cap)
   window = _window_pair(local_window_size)
   scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else scale
-  extras = any(x is not None for x in (query_positions, key_positions, query_segment_ids,
-                                       key_segment_ids))
+  positions = query_positions is not None or key_positions is not None
+  segments = query_segment_ids is not None or key_segment_ids is not None
+  extras = positions or segments
   if implementation in (None, 'auto'):
-    implementation = choose_implementation(query, key, is_causal=is_causal, local_window=window,
-                                           extras=extras, soft_cap=logits_soft_cap is not None)
+    implementation = choose_implementation(
+        query, key, is_causal=is_causal, local_window=window, positions=positions,
+        segments=segments, bias=bias is not None, mask=mask is not None,
+        lengths=query_seq_lengths is not None or key_value_seq_lengths is not None,
+        soft_cap=logits_soft_cap is not None)
+  if implementation == 'splash':
+    unsupported = [name for name, x in (('bias', bias), ('mask', mask),
+                                        ('query_seq_lengths', query_seq_lengths),
+                                        ('key_value_seq_lengths', key_value_seq_lengths),
+                                        ('query_positions', query_positions),
+                                        ('key_positions', key_positions)) if x is not None]
+    if unsupported or query.shape[1] % splash.BLOCK or key.shape[1] % splash.BLOCK:
+      raise ValueError(f"implementation='splash' takes default positions, causal / window "
+                       f"masks and segment ids, with T and S multiples of {splash.BLOCK}; got "
+                       f"{', '.join(unsupported) or 'no other argument'} with T={query.shape[1]}, "
+                       f"S={key.shape[1]}. Use 'blockwise', 'xla' or None.")
+    return splash.splash_attention(
+        query, key, value, scale=scale, is_causal=is_causal, local_window=window,
+        query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+        logits_soft_cap=logits_soft_cap)
   if implementation == 'blockwise':
     return blockwise_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,

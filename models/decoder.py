@@ -107,6 +107,7 @@ class DecoderLM(nnx.Module):
     rng: training key for dropout (`model.dropout`); None: no dropout.
     """
     ctx = [None] * self.num_layers if context_cache is None else context_cache
+    layer_positions = positions   # None: the blocks' attention sees default positions
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if cache is not None:
@@ -123,11 +124,11 @@ class DecoderLM(nnx.Module):
     rngs = [fold_key(rng, i + 1) for i in range(self.num_layers)]
     if context_cache is not None:   # per-layer cross-attention caches: one block at a time
       for layer, layer_ctx, layer_rng in zip(self.layer_list(), ctx, rngs):
-        x = layer(x, positions, segment_ids=segment_ids, context=context,
+        x = layer(x, layer_positions, segment_ids=segment_ids, context=context,
                   context_mask=context_mask, context_segment_ids=context_segment_ids,
                   context_cache=layer_ctx, rng=layer_rng)
     else:
-      x = scan.run_layers(self.layers, x, self.scan_layers, self.remat, positions=positions,
+      x = scan.run_layers(self.layers, x, self.scan_layers, self.remat, positions=layer_positions,
                           segment_ids=segment_ids, context=context, context_mask=context_mask,
                           context_segment_ids=context_segment_ids, per_layer={'rng': rngs})
     return constrain(self.logits(constrain(x, RESIDUAL)), ('batch', 'length', 'vocab'))

@@ -36,13 +36,14 @@ class EncoderDecoder(nnx.Module):
     """sources [B, S] -> (encoder output [B, S, D], source mask [B, S]). rng: dropout key.
     Packed sources: segment_ids [B, S] (no attention across them), positions restarting."""
     mask = self.source_mask(sources)
+    layer_positions = positions   # None: the layers' attention sees default positions
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(sources.shape[1]), sources.shape)
     x = self.decoder.embed_tokens(sources, positions)   # the shared embedding table
     x = dropout(x, self.dropout, fold_key(rng, 0))
     attn_mask = mask[:, None, None, :]                  # keys: real tokens only
     for i, layer in enumerate(self.encoder_layers):
-      x = layer(x, positions, segment_ids=segment_ids, causal=False, mask=attn_mask,
+      x = layer(x, layer_positions, segment_ids=segment_ids, causal=False, mask=attn_mask,
                 rng=fold_key(rng, i + 1))
     if self.encoder_norm is not None:
       x = self.encoder_norm(x)

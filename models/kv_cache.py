@@ -21,6 +21,7 @@ same pytree, filled once by `prefill` with the encoder's keys and values and onl
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -115,6 +116,38 @@ def view_sizes(size: int, block: int = VIEW_BLOCK, growth: float = VIEW_GROWTH) 
   return sizes + [size]
 
 
+def decode_kernel_supported(q: jax.Array, cache: LayerCache, *, backend: str,
+                            window: int | None, filled: bool, soft_cap: bool,
+                            implementation: str | None) -> bool:
+  """Whether `attend` runs jax's Pallas GPU decode kernel (`decode_kernel`): 'auto' on a GPU,
+  one query token over a full cache (no window ring) whose filled length is known, S a multiple
+  of 128 (the kernel's key blocks), head_dim a multiple of 16, no soft cap. A pure function of
+  backend, shapes and flags."""
+  return (implementation in (None, 'auto') and backend == 'gpu' and q.shape[1] == 1
+          and window is None and filled and not soft_cap and cache.size % 128 == 0
+          and q.shape[-1] % 16 == 0)
+
+
+def decode_kernel(q: jax.Array, cache: LayerCache, filled: jax.Array, *, scale: float,
+                  interpret: bool = False) -> jax.Array:
+  """One token's attention over a full cache with jax's Pallas GPU decode kernel
+  (`jax.experimental.pallas.ops.gpu.decode_attention`, split-K flash decoding), which reads
+  only the key blocks below `filled`. q: [B, 1, N, H] -> [B, 1, N, H].
+
+  The cache's occupied slots of row b are one run [start_b, filled): left padding, then the
+  prompt and the decoded tokens (see the module docstring), all at positions <= the query's,
+  so the kernel's [start, end) slot range is exactly the causal, non-empty key set.
+  interpret: run the kernel in the Pallas interpreter (any backend; tests)."""
+  from jax.experimental.pallas.ops.gpu import decode_attention
+  splits = math.gcd(16, cache.size // 128)
+  start = jnp.argmax(cache.pos >= 0, axis=1).astype(jnp.int32)   # first occupied slot
+  end = jnp.broadcast_to(jnp.asarray(filled, jnp.int32), start.shape)
+  k, v, _ = cache.sequence()
+  out = decode_attention.gqa(q[:, 0], k, v, start, end, sm_scale=scale, block_k=128,
+                             k_splits=splits, interpret=interpret)
+  return out[:, None].astype(q.dtype)
+
+
 def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int | None = None,
            filled: jax.Array | None = None, implementation: str | None = None,
            scale: float | None = None, logits_soft_cap: float | None = None) -> jax.Array:
@@ -123,10 +156,15 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
   q: [B, T, N, H] at `positions` [B, T] (-1: padding, attends to nothing). A key is visible
   when its slot is not empty, its position <= the query's, and (window W) within W - 1 of it.
   filled: number of slots in use, all in a prefix (a full cache). When given, only the
-  smallest `view_sizes` prefix that holds them is read, so a step costs O(filled), not O(S).
+  smallest `view_sizes` prefix that holds them is read, so a step costs O(filled), not O(S);
+  on a GPU one decode token goes to `decode_kernel`, which reads only the filled blocks.
   scale, logits_soft_cap: as in `dot_product_attention`.
   """
   local = None if window is None else (window - 1, 0)
+  if decode_kernel_supported(q, cache, backend=jax.default_backend(), window=window,
+                             filled=filled is not None, soft_cap=logits_soft_cap is not None,
+                             implementation=implementation):
+    return decode_kernel(q, cache, filled, scale=q.shape[-1] ** -0.5 if scale is None else scale)
 
   def over(n, q, positions, cache):
     k, v, pos = cache.sequence(n)

@@ -171,10 +171,12 @@ class Attention(nnx.Module):
     self.o = Projection((cfg.num_heads, h), (cfg.d_model,), ('heads', 'head_dim', 'embed'),
                         **dict(kw, use_bias=cfg.attention_bias if out_bias is None else out_bias))
 
-  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, *, segment_ids=None,
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray | None, *, segment_ids=None,
                context: jnp.ndarray | None = None, context_mask: jnp.ndarray | None = None,
                causal: bool = True, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-    """x: [B, T, D]; positions: [B, T]; segment_ids: [B, T] (packed sequences).
+    """x: [B, T, D]; positions: [B, T], or None for the default 0..T-1 (then the attention
+    kernels see no explicit positions and 'auto' may pick cuDNN / splash); segment_ids: [B, T]
+    (packed sequences).
 
     context: [B, S, D] for cross attention with context_mask [B, S] (True = real token).
     mask: extra boolean [B|1, 1, T, T] self-attention mask (e.g. encoder padding).
@@ -183,8 +185,10 @@ class Attention(nnx.Module):
       return self.attend_context(x, self.context_cache(context, context_mask))
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.rope:
-      q = positional.apply_rope(q, positions, self.rope_theta, scaling=self.rope_scaling)
-      k = positional.apply_rope(k, positions, self.rope_theta, scaling=self.rope_scaling)
+      rope_pos = (jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if positions is None
+                  else positions)
+      q = positional.apply_rope(q, rope_pos, self.rope_theta, scaling=self.rope_scaling)
+      k = positional.apply_rope(k, rope_pos, self.rope_theta, scaling=self.rope_scaling)
     window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
     out = dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, local_window_size=window,

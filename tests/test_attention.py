@@ -433,11 +433,95 @@ def test_memory_is_linear_in_length():
   assert blk < scores / 4 and xla > 2 * scores, (blk, xla, scores)
 
 
-def test_auto_choice_on_cpu():
-  q = jax.ShapeDtypeStruct((1, 8, 2, 8), jnp.float32)
-  assert choose_implementation(q, q) == 'xla'
-  big_q = jax.ShapeDtypeStruct((1, 1024, 2, 8), jnp.bfloat16)
-  assert choose_implementation(big_q, big_q) == 'blockwise'   # no GPU here: never cudnn
+def _shape(t, h=64, dtype=jnp.bfloat16, s=None):
+  return jax.ShapeDtypeStruct((2, t, 8, h), dtype), jax.ShapeDtypeStruct((2, s or t, 2, h), dtype)
+
+
+AUTO_CASES = [   # (backend, (T, head_dim, dtype[, S]), call flags, choice)
+    ('cpu', (8, 8, jnp.float32), {}, 'xla'),
+    ('cpu', (1024, 8, jnp.bfloat16), {}, 'blockwise'),
+    ('cpu', (1024, 128, jnp.bfloat16), dict(is_causal=True), 'blockwise'),   # never a kernel
+    ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True), 'cudnn'),
+    ('gpu', (256, 64, jnp.float16), dict(is_causal=True, local_window=(63, 0)), 'cudnn'),
+    ('gpu', (256, 64, jnp.bfloat16), dict(local_window=(8, 8)), 'xla'),      # window: causal only
+    ('gpu', (256, 64, jnp.float32), dict(is_causal=True), 'xla'),            # fp32: no cuDNN
+    ('gpu', (1024, 64, jnp.float32), dict(is_causal=True), 'blockwise'),
+    ('gpu', (256, 192, jnp.bfloat16), dict(is_causal=True), 'xla'),          # head_dim > 128
+    ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True, positions=True), 'xla'),   # packed/
+    ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True, segments=True), 'xla'),    # cached
+    ('gpu', (2048, 64, jnp.bfloat16), dict(is_causal=True, positions=True), 'blockwise'),
+    ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True, soft_cap=True), 'xla'),
+    ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True, mask=True, lengths=True), 'cudnn'),
+    ('tpu', (256, 128, jnp.bfloat16), dict(is_causal=True), 'splash'),
+    ('tpu', (512, 128, jnp.float32), dict(is_causal=True, local_window=(127, 0)), 'splash'),
+    ('tpu', (512, 256, jnp.bfloat16), dict(segments=True), 'splash'),
+    ('tpu', (256, 128, jnp.bfloat16), dict(is_causal=True, soft_cap=True), 'splash'),
+    ('tpu', (200, 128, jnp.bfloat16), dict(is_causal=True), 'xla'),          # T % 128
+    ('tpu', (256, 64, jnp.bfloat16), dict(is_causal=True), 'xla'),           # head_dim % 128
+    ('tpu', (256, 128, jnp.bfloat16, 512), dict(), 'xla'),                   # T != S
+    ('tpu', (256, 128, jnp.bfloat16), dict(is_causal=True, positions=True), 'xla'),
+    ('tpu', (2048, 128, jnp.bfloat16), dict(is_causal=True, bias=True), 'blockwise'),
+    ('tpu', (256, 128, jnp.bfloat16), dict(mask=True), 'xla'),
+    ('tpu', (256, 128, jnp.bfloat16), dict(lengths=True), 'xla'),
+]
+
+
+@pytest.mark.parametrize('backend, shape, flags, want', AUTO_CASES)
+def test_auto_choice_is_a_function_of_backend_dtype_shapes_and_arguments(backend, shape, flags,
+                                                                          want):
+  q, k = _shape(*shape[:2], *shape[2:3], *shape[3:])
+  assert choose_implementation(q, k, backend=backend, **flags) == want
+  if backend == jax.default_backend():
+    assert choose_implementation(q, k, **flags) == want
+
+
+def test_models_pass_default_positions_as_none(tiny_config, monkeypatch):
+  """The decoder tells its attention when positions are the default 0..T-1 (no explicit
+  positions reach dot_product_attention, so 'auto' can pick cuDNN / splash), and explicit
+  positions equal to 0..T-1 give the same logits."""
+  from flax import nnx
+  from models import build_model, layers
+  model = build_model(tiny_config(), nnx.Rngs(0))
+  seen = []
+  real = layers.dot_product_attention
+  monkeypatch.setattr(layers, 'dot_product_attention', lambda *a, **kw: (
+      seen.append(kw['query_positions'] is None and kw['key_positions'] is None),
+      real(*a, **kw))[1])
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
+  default = model(tokens)
+  assert seen and all(seen)
+  seen.clear()
+  explicit = model(tokens, jnp.broadcast_to(jnp.arange(12), (2, 12)))
+  assert seen and not any(seen)
+  np.testing.assert_allclose(default, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_splash_matches_xla_in_interpret_mode():
+  """jax's splash kernel (Pallas interpreter on CPU) == 'xla', forward and grads (q, k, v), for
+  a causal sliding window with packed segments over a GQA batch of 2, with a soft cap."""
+  from models import splash
+  t = 2 * splash.BLOCK
+  q, k, v = qkv(2, t, t, 4, 2, 32, seed=3)
+  seg = jnp.asarray(np.stack([np.repeat([0, 1], [100, t - 100]),
+                              np.repeat([0, 1, 2], [60, 150, t - 210])]))
+  kw = dict(is_causal=True, local_window_size=(40, 0), query_segment_ids=seg,
+            key_segment_ids=seg, logits_soft_cap=5.0)
+
+  def ours(q, k, v):
+    return splash.splash_attention(q, k, v, scale=32 ** -0.5, is_causal=True,
+                                   local_window=(40, 0), query_segment_ids=seg,
+                                   key_segment_ids=seg, logits_soft_cap=5.0, interpret=True)
+
+  def ref(q, k, v):
+    return dot_product_attention(q, k, v, implementation='xla', **kw)
+
+  proj = jax.random.normal(jax.random.key(9), q.shape)
+  for fn in (ours, ref):
+    fn.result = (fn(q, k, v), jax.grad(lambda *a: jnp.sum(fn(*a) * proj), (0, 1, 2))(q, k, v))
+  for got, want in zip(jax.tree.leaves(ours.result), jax.tree.leaves(ref.result)):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="'splash' needs a TPU"):
+    dot_product_attention(q, k, v, implementation='splash')
 
 
 @pytest.mark.parametrize('kwargs, match', [

@@ -273,3 +273,47 @@ def test_stream_text_holds_back_split_characters():
   pieces = list(stream_text(ByteTokenizer().decode, chunks))
   assert ''.join(pieces) == data.decode()
   assert len(pieces) > 3 and not any('\ufffd' in p for p in pieces)
+
+
+DECODE_KERNEL_CASES = [   # (backend, T, window, filled known, soft cap, cache slots, head_dim, impl)
+    ('gpu', 1, None, True, False, 256, 64, None, True),
+    ('gpu', 1, None, True, False, 384, 32, 'auto', True),
+    ('cpu', 1, None, True, False, 256, 64, None, False),
+    ('tpu', 1, None, True, False, 256, 64, None, False),
+    ('gpu', 4, None, True, False, 256, 64, None, False),      # several tokens: the views path
+    ('gpu', 1, 64, True, False, 64, 64, None, False),         # ring cache
+    ('gpu', 1, None, False, False, 256, 64, None, False),     # prefill: filled unknown
+    ('gpu', 1, None, True, True, 256, 64, None, False),       # soft cap
+    ('gpu', 1, None, True, False, 200, 64, None, False),      # slots % 128
+    ('gpu', 1, None, True, False, 256, 40, None, False),      # head_dim % 16
+    ('gpu', 1, None, True, False, 256, 64, 'xla', False),     # an explicit implementation
+]
+
+
+@pytest.mark.parametrize('backend, t, window, filled, cap, slots, h, impl, want',
+                         DECODE_KERNEL_CASES)
+def test_gpu_decode_kernel_choice(backend, t, window, filled, cap, slots, h, impl, want):
+  q = jax.ShapeDtypeStruct((2, t, 8, h), jnp.bfloat16)
+  cache = jax.eval_shape(lambda: kv_cache.init(2, slots, 2, h, jnp.bfloat16, window=window))
+  assert kv_cache.decode_kernel_supported(q, cache, backend=backend, window=window, filled=filled,
+                                          soft_cap=cap, implementation=impl) == want
+
+
+def test_gpu_decode_kernel_matches_attend_in_interpret_mode():
+  """jax's Pallas GPU decode kernel (interpreted on CPU) over a left-padded, partly filled cache
+  == `attend`'s reference path: padding, empty slots and the filled length all respected."""
+  b, n, k, h, slots = 2, 4, 2, 16, 128
+  keys = jax.random.split(jax.random.key(0), 4)
+  lengths = jnp.array([40, 70])
+  p = 70
+  positions = jnp.arange(p)[None] - (p - lengths)[:, None]
+  positions = jnp.where(positions >= 0, positions, -1)
+  cache = kv_cache.prefill(kv_cache.init(b, slots, k, h), jax.random.normal(keys[0], (b, p, k, h)),
+                           jax.random.normal(keys[1], (b, p, k, h)), positions)
+  for i in range(3):   # three decode tokens
+    kv = jax.random.normal(jax.random.fold_in(keys[2], i), (2, b, 1, k, h))
+    cache = kv_cache.append(cache, kv[0], kv[1], (lengths + i)[:, None], jnp.int32(p + i))
+  q = jax.random.normal(keys[3], (b, 1, n, h))
+  want = kv_cache.attend(q, (lengths + 2)[:, None], cache, filled=jnp.int32(p + 3))
+  got = kv_cache.decode_kernel(q, cache, jnp.int32(p + 3), scale=h ** -0.5, interpret=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
