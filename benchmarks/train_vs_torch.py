@@ -6,7 +6,7 @@ Both sides train the same decoder (default: 4 layers, d_model 256, GQA 8/2 heads
 tied byte embeddings, T 256, batch 16, fp32) with AdamW and global-norm clipping on random
 batches. The PyTorch loop runs in a worker process started by this one, so neither side's
 thread pool spins while the other works; both see the same cores (XLA's and torch's default:
-every core of the machine) and the same malloc settings (training/hostenv.py). Timing is
+every core of the machine) and the same malloc settings (workdir/hostenv.py). Timing is
 interleaved: each pair times `--steps` steps of ours, then of torch's (the order alternates), so
 load from other users of a shared machine hits both alike; the ratio printed is the median of the
 per-pair ratios. The load average before and after is printed with it.
@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training import hostenv  # noqa: E402
+from workdir import hostenv  # noqa: E402
 
 hostenv.ensure_fast_malloc()
 

@@ -1,11 +1,11 @@
-"""training/hostenv.py: the XLA:CPU flags it sets change the kernels, not what the train step
+"""workdir/hostenv.py: the XLA:CPU flags it sets change the kernels, not what the train step
 computes (loss and gradients equal with and without them, to fp32 round-off)."""
 import json
 import os
 
 import numpy as np
 
-from training import hostenv
+from workdir import hostenv
 from tests.conftest import run_cli
 
 # Loss and gradients of the tiny decoder on one fixed batch, printed as JSON.
