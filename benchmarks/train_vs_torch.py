@@ -72,7 +72,7 @@ def torch_worker(sh: dict) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return loss.item()
 
   step(0)  # warm-up
   print(json.dumps({'ready': True, 'threads': torch.get_num_threads(),

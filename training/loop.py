@@ -25,6 +25,7 @@ from models import build_model
 from text.tokenizer import make_tokenizer
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
+from training import flops
 from training import guards
 from training import seq2seq_data
 from training import mesh as mesh_lib
@@ -249,6 +250,9 @@ def train(config, workdir: str, *, stop_after: int | None = None,
     logger.print(f'Resuming {workdir} from step {start}'
                  + (f' with changes: {"; ".join(changes)}.' if changes else '.'))
   tokens_per_step = t.batch_size * config.data.seq_len
+  # MFU = model FLOPs per token x tokens/s over the mesh's peak (training/flops.py).
+  flops_per_token = flops.flops_per_token(config, s.abstract_state['params'])
+  peak, _ = flops.peak_flops(list(s.mesh.devices.flat), config.model.dtype)
   last_time, last_step, metrics, evals = time.time(), start, None, {}
   with preemption.StopSignal() as stop, contextlib.closing(checkpointer), \
       contextlib.closing(logger):
@@ -265,6 +269,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
                 'skipped_steps': nonfinite.take_skipped()}
         if step > last_step:
           line['tokens_per_sec'] = tokens_per_step * (step - last_step) / (now - last_time)
+          line['mfu'] = flops_per_token * line['tokens_per_sec'] / peak
         logger.write(step, line)
         last_time, last_step = now, step
       if step % t.eval_every == 0 or step == t.steps:

@@ -88,7 +88,8 @@ class MetricsLogger:
         self.tb.add_scalar(k, v, step)
     if self.wandb is not None:
       self.wandb.log({k: v for k, v in line.items() if k != 'step'}, step=line['step'])
-    shown = {k: f'{line[k]:.4g}' for k in ('loss', 'eval_loss', 'tokens_per_sec') if k in line}
+    shown = {k: f'{line[k]:.4g}' for k in ('loss', 'eval_loss', 'tokens_per_sec', 'mfu')
+             if k in line}
     if shown:
       self.bar.set_postfix(shown, refresh=False)
 

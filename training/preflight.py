@@ -10,17 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import schema
 from training import data as data_lib
+from training import flops
 from training import loop
 from training import mesh as mesh_lib
 from text.tokenizer import make_tokenizer
+from training.flops import analytic_flops_per_token
 
 GIB = 1024 ** 3
 
@@ -106,28 +106,9 @@ def param_infos(abstract_params) -> list[tuple[tuple, ParamInfo]]:
   return out
 
 
-def analytic_flops_per_token(config, matmul_params: int) -> float:
-  """Training FLOPs per token: 6 N_matmul (forward 2N, backward 4N) plus attention scores and
-  values, 6 * 2 * 2 * layers * heads * head_dim * context (dense causal attention, as computed;
-  the PaLM convention 6N + 12 L H Q T)."""
-  m, t = config.model, config.data.seq_len
-  head_dim = m.head_dim or m.d_model // m.num_heads
-  if m.kind == 'decoder':
-    attention_layers = m.num_layers
-  else:  # encoder self-attention, decoder self- and cross-attention
-    attention_layers = m.num_encoder_layers + 2 * m.num_decoder_layers
-  return 6.0 * matmul_params + 12.0 * attention_layers * m.num_heads * head_dim * t
-
-
 def matmul_params_of(config, infos) -> int:
-  """Parameters used in matmuls: all but lookup tables (token embeddings unless tied to the
-  output layer, learned positions)."""
-  total = sum(math.prod(info.shape) for _, info in infos)
-  tables = [info for path, info in infos if path[-1] == 'embedding']
-  lookup = sum(math.prod(info.shape) for info in tables)
-  if config.model.tie_embeddings:
-    lookup -= config.model.vocab_size * config.model.d_model
-  return total - lookup
+  """Parameters used in matmuls (training/flops.py) from `param_infos`."""
+  return flops.matmul_params_of(config, [(path, info.shape) for path, info in infos])
 
 
 def abstract_batch(config, mesh) -> dict:
@@ -160,16 +141,8 @@ def device_memory(devices, override_gb: float | None = None) -> tuple[int, str]:
 
 def measure_matmul_rate(device, dtype: str, reps: int = 3) -> float:
   """FLOP/s of one square matmul on `device` in `dtype` (best of `reps`)."""
-  n = 1024 if device.platform == 'cpu' else 8192
-  x = jax.device_put(jnp.ones((n, n), dtype), device)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
-    start = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n ** 3 / best
+  return flops.measure_matmul_rate(device, dtype, n=1024 if device.platform == 'cpu' else 8192,
+                                   reps=reps)
 
 
 def _flops(compiled) -> float | None:
