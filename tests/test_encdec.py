@@ -297,7 +297,7 @@ def test_train_eval_sample_and_errors_through_the_clis(tmp_path):
   other_vocab = run_cli('train.py', '--config=configs/encdec.py:reversal,tiny',
                         f'--workdir={workdir}', '--config.model.vocab_size=512')
   assert other_vocab.returncode != 0
-  assert 'model.vocab_size: 384 (saved) != 512' in other_vocab.stderr
+  assert 'model.vocab_size: 384 -> 512' in other_vocab.stderr
   with open(f'{workdir}/config.json') as f:
     saved = json.load(f)
   saved['model']['vocab_size'] = 512

@@ -139,7 +139,7 @@ def test_different_model_on_existing_workdir_is_refused(tiny_config, tmp_path):
   other = tiny_config({'model.d_model': 128, 'model.num_layers': 3})
   with pytest.raises(ckpt_lib.WorkdirError) as e:
     loop.train(other, str(tmp_path))
-  assert 'model.d_model: 64 (saved) != 128' in str(e.value)
-  assert 'model.num_layers: 2 (saved) != 3' in str(e.value)
+  assert 'model.d_model: 64 -> 128' in str(e.value)
+  assert 'model.num_layers: 2 -> 3' in str(e.value)
   after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, ps in os.walk(tmp_path) for p in ps}
   assert before == after
