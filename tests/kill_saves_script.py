@@ -40,8 +40,10 @@ HOOKED = [(os, 'rename'), (os, 'replace'), (os, 'fsync'), (os, 'mkdir'), (os, 'm
 def state_of(step: int) -> dict:
   """The train state saved at `step` (what an uninterrupted run has there)."""
   base = jnp.arange(64 * 48, dtype=jnp.float32).reshape(64, 48)
-  return {'step': jnp.int32(step), 'params': {'w': base * step, 'b': jnp.full((48,), -step,
-                                                                              jnp.float32)}}
+  return {'step': jnp.int32(step),
+          'params': {'w': base * step, 'b': jnp.full((48,), -step, jnp.float32)},
+          'opt_state': {'mu': base * (0.5 * step)},   # the train item: params are their own
+          'rng': jnp.asarray([0, step], jnp.uint32)}
 
 
 def data_iter():
