@@ -12,6 +12,11 @@ os.environ.setdefault('LMX_NO_REEXEC', '1')  # subprocess CLIs inherit the test'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lmx-jax-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+# The XLA:CPU flags the CLIs set (workdir/hostenv.py), so that in-process runs compile the same
+# kernels as the CLI subprocesses they are compared with bitwise (set before JAX initialises).
+from workdir import hostenv  # noqa: E402
+
+hostenv.configure_xla_cpu()
 # Token caches of the tests' corpora (data.cache_dir's default) in /tmp, not the user's home.
 os.environ.setdefault('LMX_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lmx-token-cache-{os.getuid()}'))
