@@ -63,12 +63,7 @@ class TokenStream:
 
   def sub(self, start: int, stop: int) -> TokenStream:
     """The stream's tokens [start, stop) as a stream (no data read)."""
-    parts = []
-    for (path, dtype, first, length), s in zip(self.parts, self._starts[:-1]):
-      lo, hi = max(start - s, 0), min(stop - s, length)
-      if hi > lo:
-        parts.append((path, dtype, int(first + lo), int(hi - lo)))
-    return TokenStream(tuple(parts))
+    return TokenStream(_slice_runs(self.parts, self._starts, start, stop))
 
   def __add__(self, other: TokenStream) -> TokenStream:
     return TokenStream(self.parts + other.parts)
@@ -129,12 +124,7 @@ class Documents:
 
   def sub(self, start: int, stop: int) -> Documents:
     """Documents [start, stop) as a Documents (no data read)."""
-    shards = []
-    for (stem, dtype, first, count), s in zip(self.shards, self._starts[:-1]):
-      lo, hi = max(start - s, 0), min(stop - s, count)
-      if hi > lo:
-        shards.append((stem, dtype, int(first + lo), int(hi - lo)))
-    return Documents(tuple(shards), self.field)
+    return Documents(_slice_runs(self.shards, self._starts, start, stop), self.field)
 
 
 class Cache:
@@ -176,3 +166,14 @@ class Cache:
     counts = np.zeros((int(pairs[:, 0].max()) + 1 if pairs.size else 0,), np.int64)
     counts[pairs[:, 0]] = pairs[:, 1]
     return counts
+
+
+def _slice_runs(runs: tuple, starts, start: int, stop: int) -> tuple:
+  """Items [start, stop) of consecutive runs (where, dtype, first, count) whose global offsets
+  are `starts` (one more than runs), as runs of the same form (no data read)."""
+  out = []
+  for (where, dtype, first, count), s in zip(runs, starts[:-1]):
+    lo, hi = max(start - s, 0), min(stop - s, count)
+    if hi > lo:
+      out.append((where, dtype, int(first + lo), int(hi - lo)))
+  return tuple(out)
