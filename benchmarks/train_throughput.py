@@ -89,7 +89,7 @@ def matmul_workload(flops: float, n: int):
 
 
 def flops_per_token(s) -> float:
-  infos = preflight.param_infos(s.abstract_state['params'])
+  infos = preflight.param_infos(s.abstract_state.params)
   return preflight.analytic_flops_per_token(s.config, preflight.matmul_params_of(s.config, infos))
 
 
@@ -113,7 +113,7 @@ def throughput(cfg, steps: int, n: int) -> dict:
     start = time.perf_counter()
     chain(x).block_until_ready()
     rates.append(chain_flops / (time.perf_counter() - start))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state['params']))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
   tokens = cfg.train.batch_size * cfg.data.seq_len
   return {'params': n_params, 'step_s': float(np.median(times)), 'best_s': min(times),
           'flops_per_token': flops_per_token(s), 'recompiles': len(COMPILES) - compiles_before,

@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from training import checkpoint as ckpt_lib  # noqa: E402
+from training.state import TrainState  # noqa: E402
 
 STEPS = 3
 HOOKED = [(os, 'rename'), (os, 'replace'), (os, 'fsync'), (os, 'mkdir'), (os, 'makedirs'),
@@ -37,13 +38,13 @@ HOOKED = [(os, 'rename'), (os, 'replace'), (os, 'fsync'), (os, 'mkdir'), (os, 'm
           (io, 'open')]
 
 
-def state_of(step: int) -> dict:
+def state_of(step: int) -> TrainState:
   """The train state saved at `step` (what an uninterrupted run has there)."""
   base = jnp.arange(64 * 48, dtype=jnp.float32).reshape(64, 48)
-  return {'step': jnp.int32(step),
-          'params': {'w': base * step, 'b': jnp.full((48,), -step, jnp.float32)},
-          'opt_state': {'mu': base * (0.5 * step)},   # the train item: params are their own
-          'rng': jnp.asarray([0, step], jnp.uint32)}
+  return TrainState(step=jnp.int32(step),
+                    params={'w': base * step, 'b': jnp.full((48,), -step, jnp.float32)},
+                    opt_state={'mu': base * (0.5 * step)},   # the train item: params its own
+                    rng=jnp.asarray([0, step], jnp.uint32))
 
 
 def data_iter():

@@ -71,7 +71,7 @@ def meshes() -> dict:
                             else 'none'})
       s = loop.setup(cfg, devices=jax.devices()[:n])
       state, losses = run_steps(s, s.init_state(), batches(cfg))
-      p = state['params']
+      p = state.params
       layer = p['layers'] if scanned else p['layers'][0]
       out[name + ('_scan' if scanned else '')] = {
           'losses': losses, 'embedding': describe(p['embed']['embedding'][...]),
@@ -83,7 +83,7 @@ def meshes() -> dict:
 
 def _adam_mu_of_up(state):
   """Adam's first moment of the first MLP up-projection (optimizer state is sharded too)."""
-  for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(state['opt_state']):
+  for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state):
     path = jax.tree_util.keystr(leaf_path)
     if 'mu' in path and "'up'" in path and "'kernel'" in path:
       return leaf
@@ -102,8 +102,8 @@ def reshard(workdir: str) -> dict:
   for n, mesh in ((1, MESHES['1'][1]), (2, dict(data=1, fsdp=2, tensor=1))):
     s = loop.setup(config(mesh), devices=jax.devices()[:n])
     restored = ckpt_lib.Checkpointer(workdir, read_only=True).restore(s.abstract_state)
-    info = {'step': int(restored['step']),
-            'up': describe(restored['params']['layers'][0]['mlp']['up']['kernel'][...])}
+    info = {'step': int(restored.step),
+            'up': describe(restored.params['layers'][0]['mlp']['up']['kernel'][...])}
     _, losses = run_steps(s, restored, batches(cfg8)[2:])   # donates `restored`
     out[f'devices{n}'] = {'loss': losses[0], **info}
   return out

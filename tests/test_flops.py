@@ -48,7 +48,7 @@ def test_metrics_lines_carry_mfu(trained):
   # (a loaded machine can under-measure the CPU peak, so mfu is not bounded by 1 here)
   assert lines and all(m['mfu'] > 0 for m in lines)
   # One FLOP count and one peak for the whole run: mfu / tokens_per_sec is the same constant.
-  params = loop.setup(config, jax.devices()[:1]).abstract_state['params']
+  params = loop.setup(config, jax.devices()[:1]).abstract_state.params
   per_token = [m['mfu'] / m['tokens_per_sec'] for m in lines]
   assert max(per_token) == pytest.approx(min(per_token), rel=1e-9)
   peak = flops.flops_per_token(config, params) / per_token[0]

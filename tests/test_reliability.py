@@ -61,13 +61,12 @@ def test_nonfinite_step_is_skipped_exactly(tiny_config, bad):
   state, _ = s.train_step(s.init_state(), b1)
   state, m = s.train_step(state, poisoned)
   assert float(m['skipped_steps']) == 1.0 and not np.isfinite(float(m['loss']))
-  assert int(state['step']) == 2
+  assert int(state.step) == 2
   state, m = s.train_step(state, b2)
   assert float(m['skipped_steps']) == 0.0
   ref, _ = s.train_step(s.init_state(), b1)
   ref, _ = s.train_step(ref, b2)
-  _assert_trees_equal({k: v for k, v in state.items() if k != 'step'},
-                      {k: v for k, v in ref.items() if k != 'step'})
+  _assert_trees_equal(state.replace(step=None), ref.replace(step=None))
 
 
 def _poison_steps(monkeypatch, steps):
@@ -100,9 +99,9 @@ def test_skip_policy_counts_and_matches_run_without_the_bad_batches(tiny_config,
     if i not in bad:
       state, _ = s.train_step(state, batch)
   restored = _restore(cfg, tmp_path)
-  assert int(restored['step']) == 12
-  _assert_trees_equal(restored['params'], state['params'])
-  _assert_trees_equal(restored['opt_state'], state['opt_state'])
+  assert int(restored.step) == 12
+  _assert_trees_equal(restored.params, state.params)
+  _assert_trees_equal(restored.opt_state, state.opt_state)
 
 
 def test_stop_policy_stops_after_n_in_a_row_and_keeps_last_good(tiny_config, tmp_path,
@@ -119,7 +118,7 @@ def test_stop_policy_stops_after_n_in_a_row_and_keeps_last_good(tiny_config, tmp
   assert integrity.verify(os.path.join(tmp_path, 'checkpoints', '5')) is None
   assert integrity.has_manifest(os.path.join(tmp_path, 'checkpoints', '5'))
   assert max(s for s, _ in _losses(tmp_path)) <= 8
-  assert all(np.isfinite(x).all() for x in _leaves(_restore(cfg, tmp_path)['params']))
+  assert all(np.isfinite(x).all() for x in _leaves(_restore(cfg, tmp_path).params))
 
 
 # ---------------------------------------------------------------------------- signals
@@ -258,7 +257,7 @@ def test_sampling_uses_the_previous_good_checkpoint_and_moves_nothing(trained, t
   loaded = load_workdir(workdir)
   assert loaded.step == 15 and 'checkpoint 20 is unusable' in capsys.readouterr().err
   assert ckpt_lib.Checkpointer.steps(workdir) == [10, 15, 20]   # read-only: nothing moved
-  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=15)['params'])
+  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=15).params)
 
 
 def test_sampling_and_export_never_read_the_optimizer_state(trained, tmp_path):
@@ -274,7 +273,7 @@ def test_sampling_and_export_never_read_the_optimizer_state(trained, tmp_path):
       shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step), item))
   loaded = load_workdir(workdir)
   assert loaded.step == 20
-  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=20)['params'])
+  _assert_trees_equal(loaded.params, _restore(cfg, pristine, step=20).params)
   export_hf(workdir, str(tmp_path / 'hf'))
   assert os.path.isfile(os.path.join(tmp_path, 'hf', 'model.safetensors'))
 

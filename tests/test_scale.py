@@ -298,7 +298,7 @@ def test_smoke_variants_train_a_step(name):
   tokens = np.asarray(_tokens(cfg, batch=cfg.train.batch_size)) % 256
   batch = {'inputs': tokens, 'targets': tokens, 'weights': np.ones(tokens.shape, np.float32)}
   state, metrics = s.train_step(s.init_state(), batch)
-  assert np.isfinite(float(metrics['loss'])) and int(state['step']) == 1
+  assert np.isfinite(float(metrics['loss'])) and int(state.step) == 1
 
 
 def test_kv_cache_decoding_of_a_scanned_model_equals_its_full_forward(tiny_config):
@@ -342,7 +342,7 @@ def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp
   s = loop.setup(cfg)
   state = s.init_state()
   tokens = _tokens(cfg)
-  want = np.asarray(nnx.merge(s.graphdef, state['params'])(tokens))
+  want = np.asarray(nnx.merge(s.graphdef, state.params)(tokens))
   write_config(str(tmp_path / 'wd'), cfg)
   saver = ckpt_lib.Checkpointer(str(tmp_path / 'wd'))
   saver.save(0, state)

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import loop, metrics, optim
+from training.state import TrainState
 
 
 def _batch(cfg, seed=0):
@@ -30,7 +32,7 @@ def test_train_step_equals_hand_written_update(tiny_config):
   cfg = tiny_config({'train.warmup_steps': 2, 'train.steps': 10})
   s = loop.setup(cfg)
   state = s.init_state()
-  params = jax.tree.map(jnp.array, state['params'])   # the step donates `state`
+  params = jax.tree.map(jnp.array, state.params)   # the step donates `state`
   t = cfg.train
   # Independent reference: plain optax with the same hyper-parameters.
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
@@ -54,8 +56,8 @@ def test_train_step_equals_hand_written_update(tiny_config):
     params = optax.apply_updates(params, updates)
     state, m = s.train_step(state, batch)
     assert float(m['loss']) == pytest.approx(float(loss), rel=1e-5)
-  assert int(state['step']) == 3
-  _params_close(state['params'], params, atol=1e-6)
+  assert int(state.step) == 3
+  _params_close(state.params, params, atol=1e-6)
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_config):
@@ -66,12 +68,12 @@ def test_gradient_accumulation_equals_full_batch(tiny_config):
   (a, ma), (b, mb) = full.train_step(full.init_state(), batch), accum.train_step(
       accum.init_state(), batch)
   assert float(ma['loss']) == pytest.approx(float(mb['loss']), rel=1e-6)
-  _params_close(a['params'], b['params'], atol=1e-6)
+  _params_close(a.params, b.params, atol=1e-6)
 
 
 def test_weight_decay_skips_norms_and_biases(tiny_config):
   s = loop.setup(tiny_config({'model.attention_bias': True}))
-  mask = optim.decay_mask(s.abstract_state['params'])
+  mask = optim.decay_mask(s.abstract_state.params)
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert flat and all(not v for k, v in flat.items() if 'norm' in k or 'bias' in k)
   assert all(v for k, v in flat.items() if 'kernel' in k or 'embedding' in k)
@@ -101,10 +103,29 @@ def test_checkpoint_round_trip_is_exact(tiny_config, tmp_path):
   expected_batch = next(it)
   it2 = iter(data_lib.train_dataset(corpus_tokens, cfg.data.seq_len, 4, seed=0))
   restored = ckpt_lib.Checkpointer(str(tmp_path)).restore(s.abstract_state, it2)
-  assert set(restored) == {'step', 'params', 'opt_state', 'rng'}
-  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+  assert isinstance(restored, TrainState) and not restored.is_params_only
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   np.testing.assert_array_equal(next(it2)['inputs'], expected_batch['inputs'])
+  # On disk the typed state is the two dict items earlier versions wrote.
+  meta = ocp.StandardCheckpointHandler().metadata(tmp_path / 'checkpoints' / '1' / 'train').tree
+  assert set(meta) == {'step', 'opt_state', 'rng'}
+
+
+def test_checkpoint_of_dict_layout_restores_typed(tiny_config, tmp_path):
+  """A step written as plain dict items with orbax alone (what workdirs of the untyped state
+  hold) restores into a TrainState, leaf for leaf."""
+  cfg = tiny_config()
+  s = loop.setup(cfg)
+  state, _ = s.train_step(s.init_state(), _batch(cfg))
+  train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
+  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as manager:
+    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                            train=ocp.args.StandardSave(train)))
+  restored = ckpt_lib.Checkpointer(str(tmp_path)).restore(s.abstract_state)
+  assert isinstance(restored, TrainState) and int(restored.step) == 1
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_resume_logs_the_same_losses(tiny_config, tmp_path):

@@ -4,7 +4,9 @@ Layout (workdir/checkpoints.py): WORKDIR/checkpoints/<step>/{params,train,data} 
 <step>/sha256.json (workdir/integrity.py). Restoring onto a different mesh works: the abstract
 target carries the new shardings. A restore verifies the newest step and falls back to older
 ones; old steps are deleted only once a newer one is committed and checksummed. A step with
-parameters only (an import) restores as {'params'}: the caller starts a fresh optimizer state.
+parameters only (an import) restores as a TrainState whose `is_params_only`: the caller starts a
+fresh optimizer state. The state is typed in memory (training/state.py) and two dict items on
+disk, the layout older versions wrote.
 """
 from __future__ import annotations
 
@@ -18,12 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import schema
+from training.state import TrainState
 from workdir import checkpoints as ckpts
 from workdir import integrity
 from workdir.files import WorkdirError, config_path, load_config
-
-TRAIN_FIELDS = ('step', 'opt_state', 'rng')   # the `train` item; `params` is its own item
-
 
 def check_resume(workdir: str, config) -> list[str] | None:
   """None when `workdir` holds no run yet; else the elastic changes ('train.steps: 200 -> 400')
@@ -96,12 +96,12 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.manager.directory, str(step))
 
-  def save(self, step: int, state, data_iter=None, meta: dict | None = None) -> None:
+  def save(self, step: int, state: TrainState, data_iter=None, meta: dict | None = None) -> None:
     """Starts an asynchronous save; the previous one is sealed (checksummed) first.
     meta: small JSON-able facts about the run at this step (restored as `restored_meta`)."""
     self._seal()
-    items = {ckpts.PARAMS: ocp.args.StandardSave(state['params']),
-             ckpts.TRAIN: ocp.args.StandardSave({k: state[k] for k in TRAIN_FIELDS})}
+    items = {ckpts.PARAMS: ocp.args.StandardSave(state.params),
+             ckpts.TRAIN: ocp.args.StandardSave(state.train_item())}
     if data_iter is not None:
       items[ckpts.DATA] = grain.checkpoint.CheckpointSave(data_iter)
     if meta is not None:
@@ -139,10 +139,12 @@ class Checkpointer:
         if s < sorted(sealed)[-self.keep]:
           self.manager.delete(s)
 
-  def restore(self, abstract_state, data_iter=None, step: int | None = None):
+  def restore(self, abstract_state: TrainState, data_iter=None,
+              step: int | None = None) -> TrainState:
     """Restores into the shapes/shardings of `abstract_state`; `data_iter` is updated in place
     when the checkpoint holds its position. A params-only step (an imported model's step 0)
-    returns {'params'} alone: the caller starts the optimizer afresh, the data from the start.
+    returns a state with params alone (`is_params_only`): the caller starts the optimizer afresh,
+    the data from the start.
 
     step=None: the newest usable step. A step that fails its checksums or its restore is
     reported on stderr and the previous one is tried; once one restores, the unusable newer
@@ -182,24 +184,26 @@ class Checkpointer:
     raise WorkdirError(f'--workdir={self.workdir}: no checkpoint could be restored ({detail}). '
                        'Nothing was changed.')
 
-  def _restore(self, step: int, abstract_state, data_iter) -> tuple[dict, dict]:
-    """(state, meta) of `step`; meta is {} when the checkpoint has none, state holds 'params'
-    alone when the step has no `train` item (an import)."""
+  def _restore(self, step: int, abstract_state: TrainState,
+               data_iter) -> tuple[TrainState, dict]:
+    """(state, meta) of `step`; meta is {} when the checkpoint has none, the state is params
+    only when the step has no `train` item (an import)."""
     if not ckpts.has_item(self.workdir, step, ckpts.PARAMS):
       raise ValueError(f'it has no {ckpts.PARAMS}/ item (a checkpoint of an older version of '
                        'this code?)')
-    ckpts.check_param_shapes(abstract_state['params'],
+    ckpts.check_param_shapes(abstract_state.params,
                              self.manager.item_metadata(step)[ckpts.PARAMS].tree)
-    items = {ckpts.PARAMS: ocp.args.StandardRestore(abstract_state['params'])}
+    items = {ckpts.PARAMS: ocp.args.StandardRestore(abstract_state.params)}
     has_train = ckpts.has_item(self.workdir, step, ckpts.TRAIN)
     if has_train:
-      items[ckpts.TRAIN] = ocp.args.StandardRestore({k: abstract_state[k] for k in TRAIN_FIELDS})
+      items[ckpts.TRAIN] = ocp.args.StandardRestore(abstract_state.train_item())
     if data_iter is not None and ckpts.has_item(self.workdir, step, ckpts.DATA):
       items[ckpts.DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     if ckpts.has_item(self.workdir, step, ckpts.META):
       items[ckpts.META] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = {'params': restored[ckpts.PARAMS], **(restored[ckpts.TRAIN] if has_train else {})}
+    state = TrainState.from_items(restored[ckpts.PARAMS],
+                                  dict(restored[ckpts.TRAIN]) if has_train else None)
     return state, dict(restored[ckpts.META]) if ckpts.META in items else {}
 
   def close(self) -> None:

@@ -28,16 +28,15 @@ class NonfiniteError(RuntimeError):
 
 
 def skip_nonfinite(train_step: Callable) -> Callable:
-  """Wraps (state, batch) -> (state, metrics) so that a step whose loss or gradient norm is NaN
-  or Inf keeps every leaf of the old state except 'step'. Needs metrics 'loss' and 'grad_norm';
-  adds metrics['skipped_steps'] (0. or 1.)."""
+  """Wraps (state, batch) -> (state, metrics), state a TrainState (training/state.py), so that a
+  step whose loss or gradient norm is NaN or Inf keeps every leaf of the old state except `step`.
+  Needs metrics 'loss' and 'grad_norm'; adds metrics['skipped_steps'] (0. or 1.)."""
 
   def guarded(state, batch):
     new_state, metrics = train_step(state, batch)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    kept['step'] = new_state['step']
-    return kept, {**metrics, 'skipped_steps': jnp.where(finite, 0.0, 1.0)}
+    return kept.replace(step=new_state.step), {**metrics, 'skipped_steps': jnp.where(finite, 0.0, 1.0)}
 
   return guarded
 

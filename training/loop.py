@@ -1,8 +1,9 @@
 """Init, train_step, eval_step and the loop. Steps are pure functions of (state, batch) under jit.
 
-The train state is a dict pytree {'step', 'params', 'opt_state', 'rng'}; `params` is the model's
-`nnx.State` of Params, re-attached to the static graphdef inside the step with `nnx.merge`;
-`rng` is raw key data [2] uint32 (checkpointed), folded with the step for per-step randomness.
+The train state is a `training.state.TrainState` (step, params, opt_state, rng); `params` is
+the model's `nnx.State` of Params, re-attached to the static graphdef inside the step with
+`nnx.merge`; `rng` is raw key data [2] uint32 (checkpointed), folded with the step for per-step
+randomness.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from training import data as data_lib
 from training import flops
 from training import guards
 from training import seq2seq_data
+from training.state import TrainState, initial_rng
 from training import mesh as mesh_lib
 from training import optim
 from training import preemption
@@ -62,11 +64,6 @@ def model_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None):
   return cross_entropy(logits, batch['targets'], batch['weights'])
 
 
-def initial_rng(seed: int) -> jnp.ndarray:
-  """The train state's base key as raw uint32 data (orbax stores plain arrays)."""
-  return jax.random.key_data(jax.random.key(seed))
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
   """(state, batch) -> (state, metrics). The loss is the mean over all weighted tokens of the
   batch, also when it is split into `grad_accum_steps` micro-batches."""
@@ -76,9 +73,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
     (loss_sum, weight_sum), grads = jax.value_and_grad(fn, has_aux=True)(params)
     return loss_sum, weight_sum, grads
 
-  def train_step(state, batch):
-    params = state['params']
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    params = state.params
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
       loss_sum, weight_sum, grads = loss_and_grads(params, batch, rng)
     else:
@@ -95,9 +92,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
       (loss_sum, weight_sum, grads), _ = jax.lax.scan(
           accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
     grads = jax.tree.map(lambda g: g / weight_sum, grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-                 'opt_state': opt_state, 'rng': state['rng']}
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
+                              opt_state=opt_state)
     return new_state, {'loss': loss_sum / weight_sum, 'grad_norm': optax.global_norm(grads)}
 
   return train_step
@@ -114,8 +111,8 @@ class Setup:
   config: object
   mesh: jax.sharding.Mesh
   graphdef: object
-  abstract_state: dict
-  state_shardings: dict
+  abstract_state: TrainState     # of jax.ShapeDtypeStruct carrying their shardings
+  state_shardings: TrainState    # of NamedSharding
   init_state: callable
   state_from_params: callable   # (params, step) -> a train state with a fresh optimizer state
   train_step: callable
@@ -132,8 +129,8 @@ def setup(config, devices=None) -> Setup:
   tx = optim.make_optimizer(config.train)
 
   def state_from_params(params, step):
-    return {'step': jnp.asarray(step, jnp.int32), 'params': params, 'opt_state': tx.init(params),
-            'rng': initial_rng(config.train.seed)}
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=initial_rng(config.train.seed))
 
   def create_state():
     model = build_model(config, nnx.Rngs(config.train.seed))
@@ -150,8 +147,8 @@ def setup(config, devices=None) -> Setup:
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                        donate_argnums=0)
   eval_step = jax.jit(in_mesh(make_eval_step(graphdef)),
-                      in_shardings=(shardings['params'], batch_sh), out_shardings=rep)
-  from_params = jax.jit(in_mesh(state_from_params), in_shardings=(shardings['params'], None),
+                      in_shardings=(shardings.params, batch_sh), out_shardings=rep)
+  from_params = jax.jit(in_mesh(state_from_params), in_shardings=(shardings.params, None),
                         out_shardings=shardings, donate_argnums=0)
   return Setup(config, mesh, graphdef, abstract, shardings,
                jax.jit(in_mesh(create_state), out_shardings=shardings), from_params, train_step,
@@ -233,11 +230,11 @@ def train(config, workdir: str, *, stop_after: int | None = None,
   if changes is not None and checkpointer.latest_step() is not None:
     state = checkpointer.restore(s.abstract_state, data_iter)
     nonfinite.in_a_row = checkpointer.restored_meta.get('nonfinite_in_a_row', 0)
-    if 'opt_state' not in state:  # parameters only (an import): fine-tune from them
-      state, fresh_optimizer = s.state_from_params(state['params'], checkpointer.restored_step), True
+    if state.is_params_only:  # parameters only (an import): fine-tune from them
+      state, fresh_optimizer = s.state_from_params(state.params, checkpointer.restored_step), True
   else:
     state = s.init_state()
-  start = int(state['step'])
+  start = int(state.step)
   if jax.process_index() == 0:
     runinfo.record_launch(workdir, config, tokenizer, s.mesh, start)
   end = t.steps if stop_after is None else min(t.steps, stop_after)
@@ -251,7 +248,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
                  + (f' with changes: {"; ".join(changes)}.' if changes else '.'))
   tokens_per_step = t.batch_size * config.data.seq_len
   # MFU = model FLOPs per token x tokens/s over the mesh's peak (training/flops.py).
-  flops_per_token = flops.flops_per_token(config, s.abstract_state['params'])
+  flops_per_token = flops.flops_per_token(config, s.abstract_state.params)
   peak, _ = flops.peak_flops(list(s.mesh.devices.flat), config.model.dtype)
   last_time, last_step, metrics, evals = time.time(), start, None, {}
   with preemption.StopSignal() as stop, contextlib.closing(checkpointer), \
@@ -273,7 +270,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
         logger.write(step, line)
         last_time, last_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
-        evals = eval_metrics(s, state['params'], eval_set, tokenizer, extra_evals)
+        evals = eval_metrics(s, state.params, eval_set, tokenizer, extra_evals)
         logger.write(step, evals)
         last_time = time.time()  # evaluation time is not training throughput
       stopping = stop.agree()
@@ -288,11 +285,11 @@ def train(config, workdir: str, *, stop_after: int | None = None,
         else:   # each process says where it stopped (the same step: StopSignal.agree)
           print(f'process {jax.process_index()}: {note}', file=sys.stderr)
         break
-  result = {'step': int(state['step']), 'loss': None if metrics is None else float(metrics['loss']),
+  result = {'step': int(state.step), 'loss': None if metrics is None else float(metrics['loss']),
             'eval_loss': None, 'unigram_entropy': baseline, **evals, 'stopped': stop.name or None}
-  if int(state['step']) == t.steps and jax.process_index() == 0:
+  if int(state.step) == t.steps and jax.process_index() == 0:
     if not evals:
-      result.update(eval_metrics(s, state['params'], eval_set, tokenizer, extra_evals))
+      result.update(eval_metrics(s, state.params, eval_set, tokenizer, extra_evals))
     eval_loss = result['eval_loss']
     unit = 'nats/byte' if tokenizer.name == 'byte' else 'nats/token'
     print(f'Held-out loss {eval_loss:.4f} {unit}; unigram baseline of the same split '
