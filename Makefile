@@ -16,7 +16,7 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) '$(TORCH)' '.[test,hf,ray,search,wandb]'
+	$(PIP) '$(TORCH)' '.[test,hf,ray,search,wandb,eval]'
 	touch $@
 
 setup: $(VENV)/.core

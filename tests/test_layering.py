@@ -1,6 +1,6 @@
 """The import order of DESIGN.md, checked by walking every module's imports with `ast`.
 
-CLIs -> sweeps -> training, sampling, interop -> workdir -> text, models, configs.base/schema.
+CLIs -> sweeps, evals -> training, sampling, interop -> workdir -> text, models, configs.base/schema.
 A unit may import its own package and units of lower layers only: never a peer (training and
 sampling are peers), never upwards, so no two packages can import each other. Experiment files
 (configs/*.py besides base/schema, configs/sweeps/) sit on top; tests/ and benchmarks/ are not
@@ -19,8 +19,8 @@ LAYERS = (  # bottom first
     ('configs.base/schema', 'models', 'text'),
     ('workdir',),
     ('training', 'sampling', 'interop'),
-    ('sweeps',),
-    ('train', 'sample', 'sweep', 'prepare'),  # the CLIs
+    ('sweeps', 'evals'),
+    ('train', 'sample', 'sweep', 'prepare', 'evaluate'),  # the CLIs
     ('configs',),                             # experiment files
 )
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
@@ -128,7 +128,7 @@ def test_the_codebase_follows_the_import_order():
 def test_every_library_package_is_walked():
   units = {unit_of(m) for m in sources(ROOT) if m}
   assert {'models', 'text', 'workdir', 'training', 'sampling', 'interop', 'sweeps',
-          'configs.base/schema', 'train', 'sample'} <= units
+          'configs.base/schema', 'train', 'sample', 'evals', 'evaluate'} <= units
 
 
 def _write(root, files: dict[str, str]) -> str:
