@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from configs import schema
 from sampling import encdec
-from training import data, distributed, guards, loop, preflight
+from training import data, distributed, guards, loop, preflight, sources
 from workdir import files
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]. Optional when '
@@ -105,7 +105,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                        f'existing run (they then apply to its saved config); {where}.')
     resolved = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'resolved.py')
     argv = [argv[0], f'--config={resolved}:{workdir}', *argv[1:]]
-  return app.parse_flags_with_usage(argv)
+  try:
+    return app.parse_flags_with_usage(argv)
+  except KeyError as e:   # an override naming a data.mixture source the config lacks
+    raise SystemExit(f'error: {sources.missing_source_error(argv[1:], e)}') from None
 
 
 if __name__ == '__main__':

@@ -73,10 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
       remat='none',                   # 'none' | 'full' | 'save_dots' | 'save_dots_no_batch'
   )
   c.data = dict(
-      corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files'
+      corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files' | 'mixture'
       files='',                       # comma-separated paths or globs when corpus='files':
                                       # .jsonl, .jsonl.gz, .parquet, any other file = 1 document
       text_field='text',              # the text of a .jsonl record / .parquet column
+      # corpus='mixture': {NAME: {'files': globs, 'weight': w >= 0, 'text_field': optional}},
+      # each source its own token cache, rows drawn in proportion to the weights
+      mixture={},
       skip_bad_records=False,         # True: skip (and count) bad .jsonl/.parquet records
       tokenizer='byte',               # 'byte' or a path to a tokenizer.json
       # token caches (prepare.py), one folder per content hash; $LMX_CACHE_DIR overrides the default

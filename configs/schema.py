@@ -7,7 +7,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -25,7 +27,7 @@ ENUMS = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'save_dots', 'save_dots_no_batch'),
     'model.rope_scaling.kind': ('none', 'linear', 'llama3'),
-    'data.corpus': ('stdlib', 'files'),
+    'data.corpus': ('stdlib', 'files', 'mixture'),
     'data.task': ('lm', 'pairs', 'span_corruption', 'addition', 'reversal'),
     'train.nonfinite': ('skip', 'stop'),
 }
@@ -97,10 +99,30 @@ def suggest(key: str, candidates: Iterable[str]) -> str:
   return f' (did you mean `{best[0]}`?)' if best else ''
 
 
+# data.mixture maps source names (chosen by the user) to these fields; files and weight required.
+MIXTURE = 'data.mixture'
+MIXTURE_FIELDS = ('files', 'weight', 'text_field')
+_SOURCE_NAME = re.compile(r'[A-Za-z0-9_-]+')
+
+
+def _check_mixture_key(key: str, where: str) -> None:
+  """`data.mixture.NAME.FIELD`: NAME letters, digits, _ or -; FIELD one of MIXTURE_FIELDS."""
+  parts = key[len(MIXTURE) + 1:].split('.')
+  if len(parts) == 2 and _SOURCE_NAME.fullmatch(parts[0]) and parts[1] in MIXTURE_FIELDS:
+    return
+  near = difflib.get_close_matches(parts[-1], MIXTURE_FIELDS, n=1, cutoff=0.6)
+  hint = f' (did you mean `{MIXTURE}.{parts[0]}.{near[0]}`?)' if near and len(parts) == 2 else ''
+  raise ConfigError(f'{where}: unknown key `{key}`{hint}; a mixture source has the keys '
+                    f'{MIXTURE}.NAME.{{{",".join(MIXTURE_FIELDS)}}} (NAME: letters, digits, _ '
+                    'or -).')
+
+
 def check_keys(keys: Iterable[str], where: str = 'config') -> None:
   known = known_keys()
   for key in keys:
-    if key not in known:
+    if key.startswith(MIXTURE + '.'):
+      _check_mixture_key(key, where)
+    elif key not in known:
       raise ConfigError(f'{where}: unknown key `{key}`{suggest(key, known)}.')
 
 
@@ -123,6 +145,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       *parents, leaf = path.split('.')
       node = config
       for p in parents:
+        if p not in node:   # a data.mixture source the config lacks (check_keys allowed it)
+          node[p] = ml_collections.ConfigDict()
         node = node[p]
       node[leaf] = value
   return config
@@ -199,6 +223,48 @@ def _check_window_pattern(m) -> None:
                       'model.scan_layers=False (or a pattern of one kind).')
 
 
+def _check_mixture(d) -> None:
+  """data.corpus='mixture' and data.mixture agree; every source has files and a weight (its
+  keys were checked by check_keys)."""
+  sources = d.mixture
+  if d.corpus != 'mixture':
+    if sources:
+      raise ConfigError(f'data.mixture has sources ({", ".join(sources)}) but data.corpus='
+                        f"{d.corpus!r}; set data.corpus='mixture' to train on the mixture, or "
+                        'leave data.mixture empty.')
+    return
+  if not sources:
+    raise ConfigError("data.corpus='mixture' needs data.mixture: {NAME: {'files': 'globs', "
+                      "'weight': w}, ...}.")
+  if d.files.strip():
+    raise ConfigError(f'data.files={d.files!r} is set together with data.mixture; with '
+                      "data.corpus='mixture' each source names its own files "
+                      '(data.mixture.NAME.files): leave data.files empty.')
+  if d.task != 'lm':
+    raise ConfigError(f"data.mixture trains language models (data.task='lm'); data.task is "
+                      f'{d.task!r}.')
+  for name, src in sources.items():
+    where = f'{MIXTURE}.{name}'
+    if not _SOURCE_NAME.fullmatch(name):
+      raise ConfigError(f'{where}: a source name may hold only letters, digits, _ and -.')
+    for key in ('files', 'weight'):
+      if key not in src:
+        raise ConfigError(f'{where}.{key} is missing: every source needs files (comma-separated '
+                          'paths or globs) and a weight (a number >= 0).')
+    if not isinstance(src.files, str) or not src.files.strip():
+      raise ConfigError(f'{where}.files={src.files!r}: must be comma-separated paths or globs.')
+    w = src.weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      raise ConfigError(f'{where}.weight={w!r}: must be a finite number >= 0 (0 leaves the source '
+                        'out).')
+    if 'text_field' in src and (not isinstance(src.text_field, str) or not src.text_field.strip()):
+      raise ConfigError(f'{where}.text_field={src.text_field!r}: must be a non-empty string '
+                        '(leave it out to use data.text_field).')
+  if not any(src.weight > 0 for src in sources.values()):
+    raise ConfigError(f'data.mixture: every weight is 0 ({", ".join(sources)}); at least one '
+                      'source needs a weight > 0.')
+
+
 def cap_steps(config: ml_collections.ConfigDict) -> None:
   """With LMX_MAX_STEPS=N in the environment, caps train.steps at N in place, and the log, eval
   and checkpoint intervals and eval_batches with it (warmup stays below the steps). Idempotent.
@@ -271,6 +337,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_seq2seq(m, d)
   if d.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}.')
+  _check_mixture(d)
   if d.corpus == 'files' and not d.files.strip():
     raise ConfigError("data.files is empty: give comma-separated paths or globs when "
                       "data.corpus='files'.")

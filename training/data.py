@@ -26,6 +26,7 @@ class Corpus:
   num_files: dict            # documents a split: {'train': n, 'eval': n}
   baseline: float            # unigram entropy (nats/token) of `eval`
   cache: Cache
+  eval_counts: np.ndarray    # token counts of `eval` (the baseline's distribution)
 
 
 def load_corpus(data_cfg, *, progress: bool = True) -> Corpus:
@@ -48,10 +49,10 @@ def load_corpus(data_cfg, *, progress: bool = True) -> Corpus:
     stream = train + held
     cut = min(stream.size - need, int(stream.size * (1 - data_cfg.eval_percent / 100)))
     train, held = stream.sub(0, cut), stream.sub(cut, stream.size)
-    baseline = entropy_of_counts(held.bincount())
+    eval_counts = held.bincount()
   else:
-    baseline = entropy_of_counts(cache.eval_unigram_counts())
-  return Corpus(train, held, counts, baseline, cache)
+    eval_counts = cache.eval_unigram_counts()
+  return Corpus(train, held, counts, entropy_of_counts(eval_counts), cache, eval_counts)
 
 
 def split_documents(corpus: Corpus):
@@ -119,8 +120,20 @@ def train_dataset(tokens, seq_len: int, batch_size: int, seed: int, *,
   Each yields {'inputs', 'targets': [b, T] int32, 'weights': [b, T] f32}, b = batch/processes.
   Iterate with `iter(...)`; the iterator's state is checkpointed by training/checkpoint.py.
   """
-  ds = grain.MapDataset.source(_Windows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count]
+  return window_batches(shuffled_windows(tokens, seq_len, seed), batch_size,
+                        process_index=process_index, process_count=process_count,
+                        num_workers=num_workers)
+
+
+def shuffled_windows(tokens, seq_len: int, seed: int) -> grain.MapDataset:
+  """The stream's windows [T + 1], shuffled and reshuffled every epoch, endless."""
+  return grain.MapDataset.source(_Windows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
+
+
+def window_batches(windows: grain.MapDataset, batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1, num_workers: int = 0) -> grain.IterDataset:
+  """Endless windows -> this process's share in training batches (see train_dataset)."""
+  ds = windows[process_index::process_count]
   ds = ds.batch(batch_size // process_count, drop_remainder=True).map(_to_example)
   ids = ds.to_iter_dataset()
   if num_workers > 0:

@@ -28,6 +28,7 @@ from training import checkpoint as ckpt_lib
 from training import data as data_lib
 from training import flops
 from training import guards
+from training import mixture
 from training import seq2seq_data
 from training.state import TrainState, initial_rng
 from training import mesh as mesh_lib
@@ -177,6 +178,8 @@ def load_data(config, tokenizer) -> tuple:
                                f'data.tokenizer={d.tokenizer!r} ({tokenizer.pad_id}).')
     data = seq2seq_data.load(config, tokenizer, process_index=pi, process_count=pc)
     return data.train, data.eval, data.baseline
+  if d.corpus == 'mixture':   # per-source held-out sets: a mixture.MixtureEval
+    return mixture.lm_data(d, t, tokenizer.pad_id, process_index=pi, process_count=pc)
   return data_lib.lm_data(d, t, tokenizer.pad_id, process_index=pi, process_count=pc)
 
 
@@ -186,9 +189,14 @@ def load_data(config, tokenizer) -> tuple:
 EvalFn = Callable[..., dict]
 
 
-def eval_metrics(s: Setup, params, batches: list, tokenizer, extra: Sequence[EvalFn] = ()) -> dict:
-  """{'eval_loss'} and whatever the `extra` metrics add."""
-  line = {'eval_loss': evaluate(s, params, batches)}
+def eval_metrics(s: Setup, params, batches, tokenizer, extra: Sequence[EvalFn] = ()) -> dict:
+  """{'eval_loss'} (and 'eval_loss/NAME' per source of a mixture.MixtureEval) and whatever the
+  `extra` metrics add."""
+  if isinstance(batches, mixture.MixtureEval):
+    line = batches.metrics(lambda b: evaluate(s, params, b))
+    batches = batches.batches
+  else:
+    line = {'eval_loss': evaluate(s, params, batches)}
   put = lambda b: mesh_lib.put_batch(mesh_lib.process_rows(b), s.mesh)
   for fn in extra:
     line.update(fn(s.graphdef, params, batches, tokenizer, put))

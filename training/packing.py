@@ -136,6 +136,26 @@ class PieceSource:
     return _piece(seq, int(k - self.first[doc]) * self.seq_len, self.seq_len)
 
 
+def shuffled_pieces(documents, seq_len: int, seed: int, *, eos_id: int) -> grain.MapDataset:
+  """Every piece of the documents (see PieceSource), shuffled and reshuffled every epoch, endless."""
+  source = PieceSource(documents, seq_len, eos_id)
+  if not len(source):
+    raise ValueError('packed_train_dataset: the documents are all empty.')
+  return grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+
+
+def packed_batches(pieces: grain.MapDataset, seq_len: int, batch_size: int, *, pad_id: int,
+                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                   num_bins: int = DEFAULT_NUM_BINS) -> grain.IterDataset:
+  """Endless pieces -> this process's share packed into rows, [b, T] arrays with
+  b = batch_size / process_count."""
+  ds = pieces[process_index::process_count].to_iter_dataset()
+  rows = _pack_pieces(ds, seq_len, pad_id, num_bins).batch(batch_size // process_count, drop_remainder=True)
+  if num_workers > 0:
+    rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return rows
+
+
 def packed_train_dataset(documents, seq_len: int, batch_size: int, seed: int, *, eos_id: int,
                          pad_id: int, process_index: int = 0, process_count: int = 1,
                          num_workers: int = 0,
@@ -144,15 +164,9 @@ def packed_train_dataset(documents, seq_len: int, batch_size: int, seed: int, *,
   arrays, no EOS; e.g. the token cache's documents, whose `lengths()` is used when present):
   pieces shuffled (reshuffled every epoch) and packed, this process's share, [b, T] arrays
   with b = batch_size / process_count."""
-  source = PieceSource(documents, seq_len, eos_id)
-  if not len(source):
-    raise ValueError('packed_train_dataset: the documents are all empty.')
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count].to_iter_dataset()
-  rows = _pack_pieces(ds, seq_len, pad_id, num_bins).batch(batch_size // process_count, drop_remainder=True)
-  if num_workers > 0:
-    rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return rows
+  return packed_batches(shuffled_pieces(documents, seq_len, seed, eos_id=eos_id), seq_len,
+                        batch_size, pad_id=pad_id, process_index=process_index,
+                        process_count=process_count, num_workers=num_workers, num_bins=num_bins)
 
 
 def packed_eval_batches(documents, seq_len: int, batch_size: int, num_batches: int, *,
