@@ -179,6 +179,12 @@ def test_resumed_run_equals_the_straight_run(straight_run, tmp_path, capsys):
   assert resumed == strip(metrics.read_metrics(straight))
 
 
+def test_the_saved_config_restores_the_mixture(straight_run):
+  """config.json -> the same config (train.py --workdir=DIR resumes a mixture run by it)."""
+  cfg, workdir, _ = straight_run
+  assert ckpt_lib.load_config(workdir) == cfg
+
+
 def test_changing_a_weight_on_resume_is_refused_naming_it(straight_run):
   cfg, workdir, _ = straight_run
   new = schema.apply_overrides(cfg, {'data.mixture.a.weight': 4.0})

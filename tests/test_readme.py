@@ -148,7 +148,8 @@ def test_commands_are_found():
   for needle in ('train.py --config=configs/default.py:tiny', 'sample.py --workdir=runs/tiny',
                  '-m interop.hf --from_hf=path/to/Llama-3.2-1B', 'configs/encdec.py:reversal',
                  'sweep.py --sweep=configs/sweeps/kv_heads.py', '--dry_run',
-                 'from workdir.load import load_workdir', '--config.model.num_kv_head=1'):
+                 'from workdir.load import load_workdir', '--config.model.num_kv_head=1',
+                 'train.py --config=configs/mixture.py'):
     assert any(needle in t for t in texts), needle
   shell = [t for kind, t, _ in readme_commands() if kind == 'shell']
   assert not any(' [' in t for t in shell)   # optional args dropped
