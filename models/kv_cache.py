@@ -22,25 +22,31 @@ same pytree, filled once by `prefill` with the encoder's keys and values and onl
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from models.attention import dot_product_attention
 
 VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # decode reads the smallest such prefix holding every token
+SLOT_AXES = (2, 2, 1)   # the slot axis of LayerCache.buffers(): k, v [B, K, S, H], pos [B, S]
 
 
-class LayerCache(NamedTuple):
-  """k, v: [B, K, S, H]; pos: [B, S] int32 (-1 = empty). See the module docstring."""
-  k: jax.Array
-  v: jax.Array
-  pos: jax.Array
+@struct.dataclass
+class LayerCache:
+  """One attention layer's cache. See the module docstring."""
+  k: jax.Array     # [B, K, S, H] keys, in the cache dtype
+  v: jax.Array     # [B, K, S, H] values
+  pos: jax.Array   # [B, S] int32, the position held in each slot (-1 = empty)
 
   @property
   def size(self) -> int:
     return self.k.shape[2]
+
+  def buffers(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k, v, pos); their slot axes are `SLOT_AXES`."""
+    return self.k, self.v, self.pos
 
   @classmethod
   def from_sequence(cls, k: jax.Array, v: jax.Array, pos: jax.Array) -> 'LayerCache':
@@ -77,13 +83,13 @@ def prefill(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array)
   """
   t, s = k.shape[1], cache.size
   new = LayerCache.from_sequence(k, v, positions)
-  axes = (2, 2, 1)   # the slot axis of k, v and pos
   if t <= s:
     return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), 0, axis=a)
-                        for old, x, a in zip(cache, new, axes)))
+                        for old, x, a in zip(cache.buffers(), new.buffers(), SLOT_AXES)))
   shift = (t - s) % s   # token j = t - s + i sits at position i of the tail; its slot is j % s
   return LayerCache(*(jnp.roll(jax.lax.slice_in_dim(x, t - s, t, axis=a), shift, axis=a)
-                      .astype(old.dtype) for old, x, a in zip(cache, new, axes)))
+                      .astype(old.dtype)
+                      for old, x, a in zip(cache.buffers(), new.buffers(), SLOT_AXES)))
 
 
 def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
@@ -98,7 +104,7 @@ def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
   if t == 1:
     slot = jnp.asarray(index, jnp.int32) % s
     return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), slot, axis=a)
-                        for old, x, a in zip(cache, new, (2, 2, 1))))
+                        for old, x, a in zip(cache.buffers(), new.buffers(), SLOT_AXES)))
   slots = (jnp.asarray(index, jnp.int32) + jnp.arange(t)) % s
   return LayerCache(cache.k.at[:, :, slots].set(new.k.astype(cache.k.dtype), unique_indices=True),
                     cache.v.at[:, :, slots].set(new.v.astype(cache.v.dtype), unique_indices=True),

@@ -10,10 +10,11 @@ result is the exact ranking of every output (tests/test_encdec.py checks this ex
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 NEG_INF = -jnp.inf
 
@@ -36,6 +37,18 @@ def _top(scores, *arrays, k):
                     for a in arrays))
 
 
+@struct.dataclass
+class BeamState:
+  """What the search loop carries (B batch rows, W beams, L = max_len)."""
+  i: jax.Array            # [] int32, the position extended next
+  alive_seq: jax.Array    # [B, W, L] int32, the alive hypotheses (EOS after position i - 1)
+  alive_logp: jax.Array   # [B, W] float32, their log-probabilities (-inf: empty slot)
+  fin_seq: jax.Array      # [B, W, L] int32, the finished hypotheses, best first
+  fin_score: jax.Array    # [B, W] float32, their length-penalised scores (-inf: empty slot)
+  fin_len: jax.Array      # [B, W] int32, their lengths (EOS included)
+  step_state: Any         # step_fn's state (e.g. a KV cache), leading dim B * W, beam order
+
+
 def beam_search(step_fn: Callable, state, *, batch: int, beam_size: int, max_len: int,
                 bos_id: int, eos_id: int, alpha: float = 0.6):
   """Returns (sequences [B, W, max_len] int32, scores [B, W], lengths [B, W]), best first.
@@ -47,38 +60,32 @@ def beam_search(step_fn: Callable, state, *, batch: int, beam_size: int, max_len
   candidates than beams).
   """
   b, w = batch, beam_size
-  alive_seq = jnp.full((b, w, max_len), eos_id, jnp.int32)
-  alive_logp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1))
-  fin_seq = jnp.full((b, w, max_len), eos_id, jnp.int32)
-  fin_score = jnp.full((b, w), NEG_INF, jnp.float32)
-  fin_len = jnp.zeros((b, w), jnp.int32)
   positions = jnp.arange(max_len)
 
-  def cond(carry):
-    i, _, alive_logp, _, fin_score, _, _ = carry
-    lp = jnp.maximum(length_penalty(i + 1, alpha), length_penalty(max_len, alpha))
-    best_alive = jnp.max(alive_logp, axis=1) / lp
-    settled = jnp.all((fin_score[:, -1] > NEG_INF) & (best_alive < fin_score[:, -1]))
-    return (i < max_len) & ~(settled & (alpha >= 0))
+  def cond(s: BeamState):
+    lp = jnp.maximum(length_penalty(s.i + 1, alpha), length_penalty(max_len, alpha))
+    best_alive = jnp.max(s.alive_logp, axis=1) / lp
+    settled = jnp.all((s.fin_score[:, -1] > NEG_INF) & (best_alive < s.fin_score[:, -1]))
+    return (s.i < max_len) & ~(settled & (alpha >= 0))
 
-  def body(carry):
-    i, alive_seq, alive_logp, fin_seq, fin_score, fin_len, state = carry
-    tokens = jnp.concatenate([jnp.full((b, w, 1), bos_id, jnp.int32), alive_seq[..., :-1]], -1)
-    logits, state = step_fn(tokens.reshape(b * w, max_len), i, state)
+  def body(s: BeamState) -> BeamState:
+    i = s.i
+    tokens = jnp.concatenate([jnp.full((b, w, 1), bos_id, jnp.int32), s.alive_seq[..., :-1]], -1)
+    logits, state = step_fn(tokens.reshape(b * w, max_len), i, s.step_state)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, w, -1)
     vocab = logp.shape[-1]
-    cand = alive_logp[..., None] + logp                                  # [B, W, V]
+    cand = s.alive_logp[..., None] + logp                                # [B, W, V]
     # EOS extensions join the finished pool.
-    eos_seq = jnp.where(positions == i, eos_id, alive_seq)
+    eos_seq = jnp.where(positions == i, eos_id, s.alive_seq)
     eos_score = cand[..., eos_id] / length_penalty(i + 1, alpha)
     fin_score, fin_seq, fin_len = _top(
-        jnp.concatenate([fin_score, eos_score], 1), jnp.concatenate([fin_seq, eos_seq], 1),
-        jnp.concatenate([fin_len, jnp.full((b, w), i + 1, jnp.int32)], 1), k=w)
+        jnp.concatenate([s.fin_score, eos_score], 1), jnp.concatenate([s.fin_seq, eos_seq], 1),
+        jnp.concatenate([s.fin_len, jnp.full((b, w), i + 1, jnp.int32)], 1), k=w)
     # The best other extensions stay alive.
     cand = cand.at[..., eos_id].set(NEG_INF).reshape(b, w * vocab)
     alive_logp, flat = jax.lax.top_k(cand, w)
     parents, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-    alive_seq = jnp.take_along_axis(alive_seq, parents[..., None], axis=1)
+    alive_seq = jnp.take_along_axis(s.alive_seq, parents[..., None], axis=1)
     alive_seq = jnp.where(positions == i, token[..., None], alive_seq)
     state = _gather(state, parents)
     # Hypotheses that reach max_len without EOS are finished as they are.
@@ -86,8 +93,14 @@ def beam_search(step_fn: Callable, state, *, batch: int, beam_size: int, max_len
     fin_score, fin_seq, fin_len = _top(
         jnp.concatenate([fin_score, full_score], 1), jnp.concatenate([fin_seq, alive_seq], 1),
         jnp.concatenate([fin_len, jnp.full((b, w), max_len, jnp.int32)], 1), k=w)
-    return i + 1, alive_seq, alive_logp, fin_seq, fin_score, fin_len, state
+    return BeamState(i=i + 1, alive_seq=alive_seq, alive_logp=alive_logp, fin_seq=fin_seq,
+                     fin_score=fin_score, fin_len=fin_len, step_state=state)
 
-  carry = (jnp.int32(0), alive_seq, alive_logp, fin_seq, fin_score, fin_len, state)
-  _, _, _, fin_seq, fin_score, fin_len, _ = jax.lax.while_loop(cond, body, carry)
-  return fin_seq, fin_score, fin_len
+  start = BeamState(
+      i=jnp.int32(0), alive_seq=jnp.full((b, w, max_len), eos_id, jnp.int32),
+      alive_logp=jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1)),
+      fin_seq=jnp.full((b, w, max_len), eos_id, jnp.int32),
+      fin_score=jnp.full((b, w), NEG_INF, jnp.float32), fin_len=jnp.zeros((b, w), jnp.int32),
+      step_state=state)
+  end = jax.lax.while_loop(cond, body, start)
+  return end.fin_seq, end.fin_score, end.fin_len

@@ -13,8 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
+from models.kv_cache import LayerCache
 from sampling import beam
 from sampling.rules import sample_tokens
 
@@ -44,6 +45,16 @@ def generate_reference(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *
   return buf[:, 1:]
 
 
+@struct.dataclass
+class DecodeState:
+  """What `generate`'s decode loop carries (B rows, T = max_new_tokens)."""
+  i: jax.Array                   # [] int32, the target position decoded next
+  token: jax.Array               # [B] int32, the newest token (BOS before the first step)
+  cache: list[LayerCache]        # the decoder's self-attention cache, one per layer
+  done: jax.Array                # [B] bool, the row has emitted EOS
+  out: jax.Array                 # [B, T] int32, the tokens so far; EOS after each row's end
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
 def generate(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *, max_new_tokens: int,
              bos_id: int, eos_id: int, temperature=0.0, top_k=0, top_p=1.0) -> jnp.ndarray:
@@ -56,22 +67,22 @@ def generate(graphdef, params, sources: jnp.ndarray, rng: jax.Array, *, max_new_
   context = decoder.context_caches(*model.encode(sources))
   b = sources.shape[0]
 
-  def cond(carry):
-    i, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+  def cond(s: DecodeState):
+    return (s.i < max_new_tokens) & ~jnp.all(s.done)
 
-  def body(carry):
-    i, token, cache, done, out = carry
-    logits, cache = decoder(token[:, None], jnp.full((b, 1), i, jnp.int32), cache=cache,
-                            cache_index=i, context_cache=context)
-    token = sample_tokens(jax.random.fold_in(rng, i), logits[:, 0], temperature, top_k, top_p)
-    token = jnp.where(done, eos_id, token)
-    out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
-    return i + 1, token, cache, done | (token == eos_id), out
+  def body(s: DecodeState) -> DecodeState:
+    logits, cache = decoder(s.token[:, None], jnp.full((b, 1), s.i, jnp.int32), cache=s.cache,
+                            cache_index=s.i, context_cache=context)
+    token = sample_tokens(jax.random.fold_in(rng, s.i), logits[:, 0], temperature, top_k, top_p)
+    token = jnp.where(s.done, eos_id, token)
+    out = jax.lax.dynamic_update_index_in_dim(s.out, token, s.i, axis=1)
+    return DecodeState(i=s.i + 1, token=token, cache=cache, done=s.done | (token == eos_id),
+                       out=out)
 
-  carry = (jnp.int32(0), jnp.full((b,), bos_id, jnp.int32), decoder.init_cache(b, max_new_tokens),
-           jnp.zeros((b,), bool), jnp.full((b, max_new_tokens), eos_id, jnp.int32))
-  return jax.lax.while_loop(cond, body, carry)[-1]
+  start = DecodeState(i=jnp.int32(0), token=jnp.full((b,), bos_id, jnp.int32),
+                      cache=decoder.init_cache(b, max_new_tokens), done=jnp.zeros((b,), bool),
+                      out=jnp.full((b, max_new_tokens), eos_id, jnp.int32))
+  return jax.lax.while_loop(cond, body, start).out
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'max_len', 'bos_id',

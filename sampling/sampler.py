@@ -12,8 +12,9 @@ The KV cache (models/kv_cache.py) gets a power-of-two number of slots >= bucket 
 max_new_tokens. `prefill` runs every prompt at once and samples the first token; `decode_chunk`
 is one jit whose `lax.while_loop` makes up to `chunk` tokens, stopping early once every row has
 met its stop token or its max_new_tokens; its state (the cache included) is donated, so the
-cache is updated in place. Sampling controls are traced: changing them never recompiles. Step i
-samples with `fold_in(key(seed), i)`, so results do not depend on the chunk size.
+cache is updated in place. The loop carries one `SamplingState` (its fields list every array
+with its shape). Sampling controls are traced: changing them never recompiles. Step i samples
+with `fold_in(key(seed), i)`, so results do not depend on the chunk size.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
+from models.kv_cache import LayerCache
 from sampling.rules import sample_tokens
 
 
@@ -33,22 +35,49 @@ def bucket(n: int, smallest: int) -> int:
   return max(smallest, 1 << max(n - 1, 0).bit_length())
 
 
-def _sample(state, logits, step):
-  """Samples every row's next token and updates the stop bookkeeping. logits: [B, V]."""
-  c = state['controls']
-  token = sample_tokens(jax.random.fold_in(state['key'], step), logits, c['temperature'],
-                        c['top_k'], c['top_p'])
-  live = ~state['done']
-  stop = token == state['eos']
+@struct.dataclass
+class SamplingControls:
+  """The sampling rules (sampling/rules.py), traced so that changing them never recompiles."""
+  temperature: jax.Array   # [] float32, 0 = greedy
+  top_k: jax.Array         # [] int32, 0 = every token
+  top_p: jax.Array         # [] float32, 1 = every token
+
+
+@struct.dataclass
+class SamplingState:
+  """What the decode loop carries from one token to the next (B rows, S cache slots)."""
+  cache: list[LayerCache]    # one per layer: k, v [B, K, S, H], pos [B, S] (models/kv_cache.py)
+  index: jax.Array           # [] int32, the cache slot the next token is written to
+  position: jax.Array        # [B] int32, the position of the next token of each row
+  step: jax.Array            # [] int32, tokens sampled so far (step i samples with fold_in(key, i))
+  key: jax.Array             # [] PRNG key of the request's seed
+  controls: SamplingControls
+  eos: jax.Array             # [B] int32, each row's stop token (-1: none)
+  max_new: jax.Array         # [B] int32, each row's token budget
+  count: jax.Array           # [B] int32, tokens each row has emitted
+  done: jax.Array            # [B] bool, row met its stop token or its budget
+  token: jax.Array           # [B] int32, the newest sampled token (the next input)
+
+
+def _sample(state: SamplingState, logits: jax.Array,
+            step: jax.Array) -> tuple[SamplingState, jax.Array]:
+  """Samples every row's next token and updates the stop bookkeeping. logits: [B, V].
+  Returns (state, emitted [B] int32, -1 where a row made no token)."""
+  c = state.controls
+  token = sample_tokens(jax.random.fold_in(state.key, step), logits, c.temperature, c.top_k,
+                        c.top_p)
+  live = ~state.done
+  stop = token == state.eos
   emitted = jnp.where(live & ~stop, token, -1)
-  count = state['count'] + (live & ~stop)
-  done = state['done'] | stop | (count >= state['max_new'])
-  return dict(state, token=token, count=count, done=done), emitted
+  count = state.count + (live & ~stop)
+  done = state.done | stop | (count >= state.max_new)
+  return state.replace(token=token, count=count, done=done), emitted
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
 def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: jax.Array,
-            eos: jax.Array, controls: dict, key: jax.Array, *, cache_len: int):
+            eos: jax.Array, controls: SamplingControls, key: jax.Array, *,
+            cache_len: int) -> tuple[SamplingState, jax.Array]:
   """tokens: [B, P] left-padded, lengths [B], max_new [B], eos [B] (-1: none).
 
   Returns (state, first tokens [B]); state feeds `decode_chunk`.
@@ -58,30 +87,31 @@ def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: ja
   positions = jnp.arange(p)[None, :] - (p - lengths)[:, None]
   positions = jnp.where(positions >= 0, positions, -1)
   logits, cache = model(tokens, positions, cache=model.init_cache(b, cache_len))
-  state = dict(cache=cache, index=jnp.int32(p), position=lengths.astype(jnp.int32),
-               step=jnp.int32(1), key=key, controls=controls, eos=eos.astype(jnp.int32),
-               max_new=max_new.astype(jnp.int32), count=jnp.zeros((b,), jnp.int32),
-               done=max_new <= 0, token=jnp.zeros((b,), jnp.int32))
+  state = SamplingState(
+      cache=cache, index=jnp.int32(p), position=lengths.astype(jnp.int32), step=jnp.int32(1),
+      key=key, controls=controls, eos=eos.astype(jnp.int32), max_new=max_new.astype(jnp.int32),
+      count=jnp.zeros((b,), jnp.int32), done=max_new <= 0, token=jnp.zeros((b,), jnp.int32))
   return _sample(state, logits[:, -1], 0)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'chunk'), donate_argnames=('state',))
-def decode_chunk(graphdef, params, state: dict, *, chunk: int):
+def decode_chunk(graphdef, params, state: SamplingState, *,
+                 chunk: int) -> tuple[SamplingState, jax.Array]:
   """Up to `chunk` decode steps: (state, tokens [B, chunk], -1 where nothing was made)."""
   model = nnx.merge(graphdef, params)
-  b = state['token'].shape[0]
+  b = state.token.shape[0]
 
   def cond(carry):
     i, state, _ = carry
-    return (i < chunk) & ~jnp.all(state['done'])
+    return (i < chunk) & ~jnp.all(state.done)
 
   def body(carry):
     i, state, out = carry
-    logits, cache = model(state['token'][:, None], state['position'][:, None],
-                          cache=state['cache'], cache_index=state['index'])
-    state = dict(state, cache=cache, index=state['index'] + 1, position=state['position'] + 1,
-                 step=state['step'] + 1)
-    state, emitted = _sample(state, logits[:, 0], state['step'] - 1)
+    logits, cache = model(state.token[:, None], state.position[:, None], cache=state.cache,
+                          cache_index=state.index)
+    state = state.replace(cache=cache, index=state.index + 1, position=state.position + 1,
+                          step=state.step + 1)
+    state, emitted = _sample(state, logits[:, 0], state.step - 1)
     return i + 1, state, jax.lax.dynamic_update_index_in_dim(out, emitted, i, axis=1)
 
   _, state, out = jax.lax.while_loop(
@@ -140,8 +170,8 @@ class Sampler:
     tokens = np.full((len(arrays), p), self.pad_id, np.int32)
     for row, a in zip(tokens, arrays):
       row[p - a.size:] = a
-    controls = dict(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
-                    top_p=jnp.float32(top_p))
+    controls = SamplingControls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
+                                top_p=jnp.float32(top_p))
     state, first = prefill(
         self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray([a.size for a in arrays]),
         jnp.asarray(max_new), jnp.full((len(arrays),), -1 if eos is None else eos, jnp.int32),
@@ -149,7 +179,7 @@ class Sampler:
     if max_new.max() == 0:
       return
     yield np.asarray(first)[:, None]
-    while not bool(np.all(np.asarray(state['done']))):
+    while not bool(np.all(np.asarray(state.done))):
       state, out = decode_chunk(self.graphdef, self.params, state, chunk=self.chunk)
       yield np.asarray(out)
 

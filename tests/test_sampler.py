@@ -235,8 +235,9 @@ def test_decode_updates_the_cache_in_place(tiny_model):
   graphdef, params = tiny_model
   state, _ = sampler_lib.prefill(
       graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([10]), jnp.array([50]),
-      jnp.array([-1]), dict(temperature=jnp.float32(0), top_k=jnp.int32(0),
-                            top_p=jnp.float32(1)), jax.random.key(0), cache_len=512)
+      jnp.array([-1]), sampler_lib.SamplingControls(temperature=jnp.float32(0),
+                                                    top_k=jnp.int32(0), top_p=jnp.float32(1)),
+      jax.random.key(0), cache_len=512)
   hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
   shapes = {'f32[1,2,512,16]', 's32[1,512]'}   # k, v [B, K, L, H]; pos [B, L]
   assert 'f32[1,2,512,16]' in hlo
