@@ -1,4 +1,5 @@
-"""KV heads of the default model: MQA (1) .. MHA (8 = num_heads), same data and steps.
+"""KV heads of the base model (configs/default.py:base): MQA (1) .. MHA (8 = num_heads), same
+data and steps.
 
   python sweep.py --sweep=configs/sweeps/kv_heads.py --workdir=runs/sweeps/kv_heads
 About 15 minutes on 2 unloaded CPU cores. `:short` is a 2-layer d_model=128 version (8 query
@@ -19,10 +20,10 @@ def get_sweep(arg: str | None = None):
     return {'config': 'configs/default.py:tiny', 'base': {'train.steps': 20},
             'trials': grid({'model.num_kv_heads': [1, 4]})}
   if arg == 'short':
-    return {'config': 'configs/default.py', 'base': SHORT,
+    return {'config': 'configs/default.py:base', 'base': SHORT,
             'trials': grid({'model.num_kv_heads': [1, 2, 4, 8]}), 'seeds': [0, 1],
             'baseline': {'model.num_kv_heads': 8}}
   if arg:
     raise ValueError(f'configs/sweeps/kv_heads.py: unknown variant {arg!r}; choose short or quick.')
-  return {'config': 'configs/default.py', 'base': BASE,
+  return {'config': 'configs/default.py:base', 'base': BASE,
           'trials': grid({'model.num_kv_heads': [1, 2, 4, 8]})}

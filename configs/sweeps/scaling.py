@@ -24,11 +24,11 @@ def trials(widths) -> list[dict]:
 
 def get_sweep(arg: str | None = None):
   if arg == 'quick':
-    return {'config': 'configs/default.py', 'base': {**BASE, 'train.steps': 150,
+    return {'config': 'configs/default.py:base', 'base': {**BASE, 'train.steps': 150,
                                                      'train.eval_every': 50,
                                                      'train.checkpoint_every': 150},
             'trials': trials((32, 48, 64)), 'seeds': [0, 1], 'scaling': {'x': 'params'}}
   if arg:
     raise ValueError(f'configs/sweeps/scaling.py: unknown variant {arg!r}; choose quick.')
-  return {'config': 'configs/default.py', 'base': BASE, 'trials': trials(WIDTHS),
+  return {'config': 'configs/default.py:base', 'base': BASE, 'trials': trials(WIDTHS),
           'seeds': [0, 1], 'scaling': {'x': 'params'}}
