@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from configs import schema
-from sweeps import runner
+from sweeps import runner, spec
 from sweeps.spec import Sweep, SweepError, Trial, describe, load_base_config, trial_name
 from training.metrics import read_metrics
 
@@ -131,7 +131,8 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Search:
         schema.validate(schema.apply_overrides(base_config, {key: v}, where=where))
       except schema.ConfigError as e:
         raise SweepError(str(e) if str(e).startswith(where) else f'{where}: {e}') from None
-  return Search(source, raw['config'], base, base_config, sampler, n, seed,
+  cap = spec.max_trials()   # LMX_MAX_TRIALS (smoke tests of documented commands)
+  return Search(source, raw['config'], base, base_config, sampler, min(n, cap or n), seed,
                 {k: tuple(v) for k, v in space.items()}, pruner)
 
 

@@ -28,6 +28,8 @@ from configs import schema
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_KEYS = ('config', 'base', 'trials', 'seeds', 'repeats', 'baseline', 'scaling')
 SEED_KEY = 'train.seed'
+# LMX_MAX_TRIALS=N runs at most N trials of any sweep (smoke tests of documented commands).
+MAX_TRIALS_ENV = 'LMX_MAX_TRIALS'
 
 
 class SweepError(ValueError):
@@ -122,6 +124,36 @@ def load_base_config(config_file: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None) if arg else module.get_config()
 
 
+def max_trials() -> int | None:
+  """N from LMX_MAX_TRIALS=N in the environment, else None."""
+  value = os.environ.get(MAX_TRIALS_ENV, '')
+  if not value:
+    return None
+  if not value.isdigit() or int(value) < 1:
+    raise SweepError(f'environment variable {MAX_TRIALS_ENV}={value!r}: must be a positive '
+                     'integer.')
+  return int(value)
+
+
+def cap_trials(trials: Sequence[Any], seeds: list | None, baseline: Any, keep: int
+               ) -> tuple[list, list | None]:
+  """With LMX_MAX_TRIALS=N: the first max(N, keep) trials (the baseline's kept in their place)
+  and the first seed; else both unchanged. The README test runs every documented sweep this
+  way, with LMX_MAX_STEPS."""
+  n = max_trials()
+  if n is None:
+    return list(trials), seeds
+  baseline = baseline if isinstance(baseline, Mapping) else {}
+  is_base = [bool(baseline) and isinstance(t, Mapping)
+             and all(k in t and t[k] == v for k, v in baseline.items()) for t in trials]
+  room, chosen = max(n, keep) - sum(is_base), []
+  for t, base in zip(trials, is_base):
+    if base or room > 0:
+      chosen.append(t)
+      room -= not base
+  return chosen, seeds[:1] if seeds else seeds
+
+
 def _check_overrides(overrides: Any, where: str) -> dict:
   if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
     raise SweepError(f'{where}: must be a dict of config paths to values, got {overrides!r}.')
@@ -165,6 +197,11 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
   base_config = schema.apply_overrides(load_base_config(raw['config']), base,
                                        where=f"{source}: 'base'")
   seeds = _seeds(raw, source, base_config.train.seed)
+  keep = 1
+  if raw.get('scaling') is not None:
+    from sweeps import scaling as scaling_lib  # imports scipy: only for scaling sweeps
+    keep = scaling_lib.MIN_SIZES   # the fewest sizes its fit takes
+  trials_raw, seeds = cap_trials(trials_raw, seeds, raw.get('baseline'), keep)
   expanded = []
   for i, overrides in enumerate(trials_raw):
     overrides = _check_overrides(overrides, f'{source}: trial {i}')
@@ -192,7 +229,6 @@ def build(raw: Mapping[str, Any], source: str = '<sweep>') -> Sweep:
   baseline = _baseline(raw.get('baseline'), trials, source)
   scaling = None
   if raw.get('scaling') is not None:
-    from sweeps import scaling as scaling_lib  # imports the models: only for scaling sweeps
     try:
       scaling = scaling_lib.check(raw['scaling'], {describe(dict(t.group)): t.config
                                                    for t in trials}, source)

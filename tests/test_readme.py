@@ -5,7 +5,9 @@ joined, `# comments` and `[optional]` arguments dropped), `python ...` lines of 
 and `$ python ...` lines whose documented output (the lines after them) must appear in what
 they print; ```python blocks run as scripts. All of them share one folder (a mirror of the
 checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3
-(configs.schema.cap_steps), so each training run is a few steps. The Hugging Face commands
+(configs.schema.cap_steps), so each training run is a few steps, and LMX_MAX_TRIALS=2
+(sweeps.spec.cap_trials), so each sweep runs two trials (three for a scaling fit); the
+sweep tests run whole sweeps. The Hugging Face commands
 read a tiny Llama the test saves at the README's `path/to/Llama-3.2-1B`, and fine-tune on a
 `notes/` folder it writes; the "Your data" commands read `corpus/*.jsonl.gz`,
 `extra/*.parquet` and a `tokenizer.json` it writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
@@ -23,6 +25,7 @@ import pytest
 from tests.conftest import ROOT
 
 MAX_STEPS = '3'
+MAX_TRIALS = '2'
 # Substring of a command -> why it is not run here.
 SKIPS = {
     'make ': 'the make targets: `make test` is this suite, `make demo` trains the full default '
@@ -139,7 +142,8 @@ def _write_corpus(root) -> None:
 
 
 def _env(home):
-  env = dict(os.environ, LMX_MAX_STEPS=MAX_STEPS, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
+  env = dict(os.environ, LMX_MAX_STEPS=MAX_STEPS, LMX_MAX_TRIALS=MAX_TRIALS,
+             JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
              LMX_NO_REEXEC='1', HOME=str(home))   # ~/.cache (token caches) inside the test
   env.pop('XLA_FLAGS', None)
   return env

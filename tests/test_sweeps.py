@@ -109,6 +109,29 @@ def test_shipped_sweeps_validate(sweep_file, count):
   assert len(sweep.trials) == count
 
 
+def test_max_trials_env_caps_every_sweep_kind(monkeypatch):
+  """LMX_MAX_TRIALS=N (the README test's smoke runs): the first N trials with the first seed,
+  the baseline group kept, a scaling sweep keeps the 3 sizes its fit needs, a search asks N."""
+  from sweeps import search
+  sweeps = os.path.join(ROOT, 'configs', 'sweeps')
+  full = spec.load(os.path.join(sweeps, 'kv_heads.py:short'))
+  monkeypatch.setenv(spec.MAX_TRIALS_ENV, '2')
+  short = spec.load(os.path.join(sweeps, 'kv_heads.py:short'))   # baseline: kv 8, the last
+  assert [t.overrides for t in short.trials] == [
+      {'model.num_kv_heads': k, 'train.seed': 0} for k in (1, 8)]
+  assert [t.name for t in short.trials] == [full.trials[i].name for i in (0, 6)]
+  assert [t.overrides for t in spec.load(os.path.join(sweeps, 'kv_heads.py')).trials] == [
+      {'model.num_kv_heads': 1}, {'model.num_kv_heads': 2}]
+  scaling = spec.load(os.path.join(sweeps, 'scaling.py'))
+  assert [t.overrides['model.d_model'] for t in scaling.trials] == [32, 48, 64]
+  assert {t.overrides['train.seed'] for t in scaling.trials} == {0}
+  path = os.path.join(sweeps, 'lr_search.py')
+  assert search.build(spec.load_raw(path), path).num_trials == 2
+  monkeypatch.setenv(spec.MAX_TRIALS_ENV, '0')
+  with pytest.raises(spec.SweepError, match='LMX_MAX_TRIALS=.0.: must be a positive integer'):
+    spec.load(os.path.join(sweeps, 'kv_heads.py'))
+
+
 def test_renamed_trial_keeps_its_folder(tmp_path):
   """Adding seeds renames the seed-0 trials: their folders (same config hash) are reused."""
   workdir = str(tmp_path / 'out')
