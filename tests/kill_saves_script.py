@@ -1,6 +1,6 @@
 """kill -9 inside checkpoint saves, at many distinct points (tests/test_kill_saves.py runs it).
 
-python tests/kill_saves_script.py ROOT POINTS SEED ; prints one JSON line (the last line).
+python tests/kill_saves_script.py ROOT POINTS SEED [JOBS=2] ; prints one JSON line (the last line).
 
 This process imports everything once and never starts a JAX backend; each kill point is a
 forked child that saves a small state and data position at steps 1..STEPS (keep=1, so every
@@ -144,7 +144,8 @@ def rerun(workdir: str, log_fd: int) -> None:
   os.write(log_fd, json.dumps({'rerun': out}).encode() + b'\n')
 
 
-def fork_and_wait(fn, *args) -> int:
+def fork(fn, *args) -> int:
+  """Runs fn(*args) in a forked child; returns its pid."""
   pid = os.fork()
   if pid == 0:
     code = 0
@@ -154,7 +155,11 @@ def fork_and_wait(fn, *args) -> int:
       traceback.print_exc()
       code = 1
     os._exit(code)
-  return os.waitpid(pid, 0)[1]
+  return pid
+
+
+def fork_and_wait(fn, *args) -> int:
+  return os.waitpid(fork(fn, *args), 0)[1]
 
 
 def read_log(path: str) -> list[dict]:
@@ -162,7 +167,7 @@ def read_log(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def main(root: str, points: int, seed: int) -> None:
+def main(root: str, points: int, seed: int, jobs: int = 2) -> None:
   # The hooked calls of an uninterrupted run and their phases, to spread the kill points.
   fd = os.open(os.path.join(root, 'count.log'), os.O_WRONLY | os.O_CREAT)
   assert fork_and_wait(writer, os.path.join(root, 'count'), fd, -1, None) == 0
@@ -185,25 +190,42 @@ def main(root: str, points: int, seed: int) -> None:
   chosen |= set(rng.sample(rest, max(0, min(len(rest), hooks - len(chosen)))))
   plan = [('hook', k) for k in sorted(chosen)]
   plan += [('timer', round(rng.uniform(0.0, duration), 3)) for _ in range(timed)]
-  results = []
-  for i, (how, where) in enumerate(plan):
+  # Each point: its writer child, then its rerun child; `jobs` points at a time (the points
+  # are independent folders; the parent stays single-threaded and reaps with os.wait).
+  results, running, todo = [None] * len(plan), {}, list(enumerate(plan))
+
+  def start_writer(i, how, where):
     workdir, log = os.path.join(root, f'p{i}'), os.path.join(root, f'p{i}.log')
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    status = fork_and_wait(writer, workdir, fd, where if how == 'hook' else None,
-                           where if how == 'timer' else None)
-    writer_lines = len(read_log(log))
-    rerun_status = fork_and_wait(rerun, workdir, fd)
+    pid = fork(writer, workdir, fd, where if how == 'hook' else None,
+               where if how == 'timer' else None)
+    running[pid] = ('writer', i, how, where, fd, None)
+
+  while todo or running:
+    while todo and len(running) < jobs:
+      i, (how, where) = todo.pop(0)
+      start_writer(i, how, where)
+    pid, status = os.wait()
+    if pid not in running:   # not one of ours
+      continue
+    stage, i, how, where, fd, writer_status = running.pop(pid)
+    workdir, log = os.path.join(root, f'p{i}'), os.path.join(root, f'p{i}.log')
+    if stage == 'writer':
+      writer_lines = len(read_log(log))
+      running[fork(rerun, workdir, fd)] = ('rerun', i, how, where, fd, (status, writer_lines))
+      continue
     os.close(fd)
+    (status, writer_lines), rerun_status = writer_status, status
     lines = read_log(log)
     written = lines[:writer_lines]
-    results.append({
+    results[i] = {
         'how': how, 'where': where, 'killed': next((x for x in written if 'killed' in x), None),
         'signaled': os.WIFSIGNALED(status), 'rerun_status': rerun_status,
         'begun': max([x['begin'] for x in written if 'begin' in x], default=0),
         'sealed': max([x['sealed'] for x in written if 'sealed' in x], default=0),
-        'rerun': next((x['rerun'] for x in lines if 'rerun' in x), None)})
+        'rerun': next((x['rerun'] for x in lines if 'rerun' in x), None)}
   print(json.dumps({'calls': calls, 'duration': duration, 'results': results}))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *map(int, sys.argv[4:5]))

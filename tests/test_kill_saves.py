@@ -1,4 +1,5 @@
-"""kill -9 inside checkpoint saves at >= 50 distinct points (tests/kill_saves_script.py).
+"""kill -9 inside checkpoint saves at >= 50 distinct points (tests/kill_saves_script.py; two
+points at a time, one a core: pytest itself keeps only one busy).
 
 Reference: the state each step saves is a known function of the step, so every restore and the
 final state are compared bitwise with what an uninterrupted run saved.
