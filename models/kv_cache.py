@@ -1,9 +1,11 @@
 """The KV cache: one small pytree per attention layer, allocated once and updated in place.
 
 A `LayerCache` holds, for a batch of B sequences:
-  k, v: [B, K, S, H]  keys and values (K = num_kv_heads: GQA / MQA shrink the cache by N / K),
-                      head-major: each (row, head) reads a contiguous [S, H] block, so decode
-                      multiplies against the cache as stored, without a transposed copy
+  k:    [B, K, H, S]  keys, head-major and transposed (K = num_kv_heads: GQA / MQA shrink the
+                      cache by N / K): a decode token's scores are a plain [G, H] x [H, S]
+                      matmul per (row, head) against the cache as stored (on XLA:CPU ~3x faster
+                      than contracting the minor dimension of both operands)
+  v:    [B, K, S, H]  values, head-major: the [G, S] x [S, H] product reads it as stored
   pos:  [B, S] int32  the position of the token held in each slot; -1 = empty or padding
 S is the allocated length L for full-attention layers and the window W for sliding-window
 layers, which keep a ring buffer (O(W) memory): the token of step index i lives in slot i % S
@@ -13,7 +15,13 @@ attended to.
 
   prefill(cache, k, v, positions)        the T prompt tokens go to slots 0..T-1 (ring: the last W)
   append(cache, k, v, positions, index)  T new tokens go to slots index..index+T-1 (mod S)
+  grow(cache, empty)                     the same tokens in a longer cache (between decode chunks)
   attend(q, positions, cache, ...)       attention of queries [B, T, N, H] over the cache
+
+Attention reads every slot of the cache, so a step costs O(S). The sampler keeps S close to the
+filled length: it allocates one of `view_sizes` (multiples of 128 growing by ~1.25x) that holds
+the next chunk of decode steps and `grow`s the cache between chunks. (Reading a prefix of a longer
+cache instead costs a copy of that prefix each step on CPU: XLA cannot pass a slice to a dot.)
 
 Every update is a `lax.dynamic_update_slice` (or one scatter) of the buffers, so under a jit that
 donates them the cache is written in place. An encoder-decoder's cross-attention cache is the
@@ -27,22 +35,23 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models.attention import dot_product_attention
+from models.attention import (attention_mask, choose_implementation, dot_product_attention,
+                              head_major_attention)
 
-VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # decode reads the smallest such prefix holding every token
-SLOT_AXES = (2, 2, 1)   # the slot axis of LayerCache.buffers(): k, v [B, K, S, H], pos [B, S]
+VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # cache lengths the sampler allocates: see view_sizes
+SLOT_AXES = (3, 2, 1)   # the slot axis of LayerCache.buffers(): k [B, K, H, S], v [B, K, S, H], pos
 
 
 @struct.dataclass
 class LayerCache:
   """One attention layer's cache. See the module docstring."""
-  k: jax.Array     # [B, K, S, H] keys, in the cache dtype
+  k: jax.Array     # [B, K, H, S] keys (transposed), in the cache dtype
   v: jax.Array     # [B, K, S, H] values
   pos: jax.Array   # [B, S] int32, the position held in each slot (-1 = empty)
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.pos.shape[1]
 
   def buffers(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(k, v, pos); their slot axes are `SLOT_AXES`."""
@@ -51,27 +60,21 @@ class LayerCache:
   @classmethod
   def from_sequence(cls, k: jax.Array, v: jax.Array, pos: jax.Array) -> 'LayerCache':
     """A cache holding k, v [B, S, K, H] (the projections' layout) at positions pos [B, S]."""
-    return cls(_head_major(k), _head_major(v), pos.astype(jnp.int32))
+    return cls(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), pos.astype(jnp.int32))
 
-  def sequence(self, n: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(k, v [B, n, K, H], pos [B, n]) of the first n slots (all by default): the layout
-    `dot_product_attention` takes. Its kernels want [B, K, n, H] again and XLA cancels the two
-    transposes, so the cache is read as stored."""
-    n = self.size if n is None else n
-    return _head_major(self.k[:, :, :n]), _head_major(self.v[:, :, :n]), self.pos[:, :n]
+  def sequence(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k, v [B, S, K, H], pos [B, S]): the layout `dot_product_attention` takes (XLA cancels
+    these transposes against those of `from_sequence`)."""
+    return self.k.transpose(0, 3, 1, 2), self.v.transpose(0, 2, 1, 3), self.pos
 
-
-def _head_major(x: jax.Array) -> jax.Array:
-  """[B, S, K, H] <-> [B, K, S, H] (its own inverse)."""
-  return x.transpose(0, 2, 1, 3)
 
 
 def init(batch: int, length: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
          window: int | None = None) -> LayerCache:
   """An empty cache of L = `length` slots, or min(window, length) ring slots for a window."""
   size = length if window is None else min(window, length)
-  shape = (batch, num_kv_heads, size, head_dim)
-  return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+  return LayerCache(jnp.zeros((batch, num_kv_heads, head_dim, size), dtype),
+                    jnp.zeros((batch, num_kv_heads, size, head_dim), dtype),
                     jnp.full((batch, size), -1, jnp.int32))
 
 
@@ -98,23 +101,41 @@ def append(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
 
   A ring (sliding-window) cache must take one token at a time: a longer write would evict keys
   its own earlier tokens still attend to.
+
   """
   new = LayerCache.from_sequence(k, v, positions)
   s, t = cache.size, k.shape[1]
   if t == 1:
     slot = jnp.asarray(index, jnp.int32) % s
-    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), slot, axis=a)
-                        for old, x, a in zip(cache.buffers(), new.buffers(), SLOT_AXES)))
-  slots = (jnp.asarray(index, jnp.int32) + jnp.arange(t)) % s
-  return LayerCache(cache.k.at[:, :, slots].set(new.k.astype(cache.k.dtype), unique_indices=True),
-                    cache.v.at[:, :, slots].set(new.v.astype(cache.v.dtype), unique_indices=True),
-                    cache.pos.at[:, slots].set(new.pos, unique_indices=True))
+    out = LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), slot, axis=a)
+                       for old, x, a in zip(cache.buffers(), new.buffers(), SLOT_AXES)))
+  else:
+    slots = (jnp.asarray(index, jnp.int32) + jnp.arange(t)) % s
+    out = LayerCache(cache.k.at[..., slots].set(new.k.astype(cache.k.dtype), unique_indices=True),
+                     cache.v.at[:, :, slots].set(new.v.astype(cache.v.dtype), unique_indices=True),
+                     cache.pos.at[:, slots].set(new.pos, unique_indices=True))
+  return out
+
+
+def grow(cache: LayerCache, empty: LayerCache) -> LayerCache:
+  """`cache`'s slots 0..S-1 copied into the front of `empty` (from `init`, at least as long); the
+  rest stays empty. `cache` itself when the sizes are equal (a full ring keeps its W slots).
+
+  Only for a cache that has not wrapped (every token of step index i in slot i), which holds for
+  a full cache and for a ring shorter than its window: its S was the whole allocated length.
+  """
+  if empty.size == cache.size:
+    return cache
+  if empty.size < cache.size:
+    raise ValueError(f'cannot grow a cache of {cache.size} slots to {empty.size}.')
+  return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(new, old, 0, axis=a)
+                      for old, new, a in zip(cache.buffers(), empty.buffers(), SLOT_AXES)))
 
 
 def view_sizes(size: int, block: int = VIEW_BLOCK, growth: float = VIEW_GROWTH) -> list[int]:
-  """Prefix lengths decode may attend over: multiples of `block`, each at least `growth` times
-  the one before, then `size`. Reading the smallest one that holds the filled slots costs at
-  most ~growth x the filled length (plus one block)."""
+  """Cache lengths up to `size`: multiples of `block`, each at least `growth` times the one
+  before, then `size`. Allocating the smallest one that holds the filled slots makes a decode
+  step cost at most ~growth x the filled length (plus one block)."""
   sizes, n = [], block
   while n < size:
     sizes.append(n)
@@ -161,10 +182,11 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
 
   q: [B, T, N, H] at `positions` [B, T] (-1: padding, attends to nothing). A key is visible
   when its slot is not empty, its position <= the query's, and (window W) within W - 1 of it.
-  filled: number of slots in use, all in a prefix (a full cache). When given, only the
-  smallest `view_sizes` prefix that holds them is read, so a step costs O(filled), not O(S);
-  on a GPU one decode token goes to `decode_kernel`, which reads only the filled blocks.
-  scale, logits_soft_cap: as in `dot_product_attention`.
+  filled: number of slots in use, all in a prefix (a full cache). When given, one decode token
+  goes to `decode_kernel` on a GPU, which reads only the filled blocks; elsewhere every slot is
+  read (empty ones masked), so callers keep S close to the filled length (see `grow`).
+  scale, logits_soft_cap: as in `dot_product_attention`, whose 'xla' reference runs on the
+  cache's own layout (`head_major_attention`) when it is the implementation chosen.
   """
   local = None if window is None else (window - 1, 0)
   if decode_kernel_supported(q, cache, backend=jax.default_backend(), window=window,
@@ -172,15 +194,28 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
                              implementation=implementation):
     return decode_kernel(q, cache, filled, scale=q.shape[-1] ** -0.5 if scale is None else scale)
 
-  def over(n, q, positions, cache):
-    k, v, pos = cache.sequence(n)
-    return dot_product_attention(q, k, v, mask=(pos >= 0)[:, None, None, :], is_causal=True,
-                                 local_window_size=local, query_positions=positions,
-                                 key_positions=pos, implementation=implementation, scale=scale,
-                                 logits_soft_cap=logits_soft_cap)
+  k, v, pos = cache.sequence()
+  chosen = implementation
+  if chosen in (None, 'auto'):
+    chosen = choose_implementation(q, k, is_causal=True, local_window=local, positions=True,
+                                   mask=True, soft_cap=logits_soft_cap is not None)
+  if chosen == 'xla':   # the reference formulation, on the cache's own layout
+    def reference(q, positions, cache):
+      mask = attention_mask(q.shape[0], q.shape[1], cache.size, is_causal=True,
+                            local_window_size=local, query_positions=positions,
+                            key_positions=cache.pos)
+      cap = None if logits_soft_cap is None else float(logits_soft_cap)
+      return head_major_attention(q, cache.k, cache.v, None, mask,
+                                  q.shape[-1] ** -0.5 if scale is None else scale, cap,
+                                  keys_transposed=True)
 
-  sizes = view_sizes(cache.size)
-  if filled is None or len(sizes) == 1:
-    return over(cache.size, q, positions, cache)
-  branch = jnp.sum(jnp.asarray(sizes[:-1]) < filled)   # the first size >= filled
-  return jax.lax.switch(branch, [lambda *a, n=n: over(n, *a) for n in sizes], q, positions, cache)
+    # Padding queries (position -1) attend to nothing: zeros. Skipping an all-padding batch in
+    # a conditional also keeps the cache's in-place update out of the attention's fusions:
+    # reading a bitcast of the updated buffer (a batch-1 cache's dot drops the unit dimension)
+    # made XLA:CPU copy the whole cache every decode step.
+    return jax.lax.cond(jnp.any(positions >= 0), reference, lambda q, *_: jnp.zeros_like(q),
+                        q, positions, cache)
+  return dot_product_attention(q, k, v, mask=(pos >= 0)[:, None, None, :], is_causal=True,
+                               local_window_size=local, query_positions=positions,
+                               key_positions=pos, implementation=implementation, scale=scale,
+                               logits_soft_cap=logits_soft_cap)

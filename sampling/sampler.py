@@ -8,13 +8,16 @@
 
 Prompts of different lengths share a batch: they are left-padded (position -1, never attended
 to) to a length bucket, a power of two >= `min_bucket`, so new prompt lengths rarely compile.
-The KV cache (models/kv_cache.py) gets a power-of-two number of slots >= bucket +
-max_new_tokens. `prefill` runs every prompt at once and samples the first token; `decode_chunk`
-is one jit whose `lax.while_loop` makes up to `chunk` tokens, stopping early once every row has
-met its stop token or its max_new_tokens; its state (the cache included) is donated, so the
-cache is updated in place. The loop carries one `SamplingState` (its fields list every array
-with its shape). Sampling controls are traced: changing them never recompiles. Step i samples
-with `fold_in(key(seed), i)`, so results do not depend on the chunk size.
+`prefill` runs every prompt at once and samples the first token; `decode_chunk` is one jit
+whose `lax.while_loop` makes up to `chunk` tokens, stopping early once every row has met its stop
+token or its max_new_tokens; its state (the cache included) is donated, so the cache is updated
+in place. The loop carries one `SamplingState` (its fields list every array with its shape).
+Attention reads every slot of the KV cache (models/kv_cache.py), so the cache is kept just long
+enough for the next chunk: one of `kv_cache.view_sizes` (multiples of 128 growing by ~1.25x, up
+to a power of two >= bucket + max_new_tokens), grown by `grow_cache` between chunks. A decode
+step then costs O(filled length); each cache length compiles `decode_chunk` once. Sampling
+controls are traced: changing them never recompiles. Step i samples with
+`fold_in(key(seed), i)`, so results do not depend on the chunk size.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from models import kv_cache
 from models.kv_cache import LayerCache
 from sampling.rules import sample_tokens
 
@@ -119,6 +123,15 @@ def decode_chunk(graphdef, params, state: SamplingState, *,
   return state, out
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
+def grow_cache(graphdef, params, cache: list, *, cache_len: int) -> list:
+  """The KV cache moved into a longer one of `cache_len` slots (windowed layers: up to their
+  window); the filled slots keep their places (`kv_cache.grow`)."""
+  model = nnx.merge(graphdef, params)
+  empty = model.init_cache(cache[0].pos.shape[0], cache_len, cache[0].k.dtype)
+  return [kv_cache.grow(c, e) for c, e in zip(cache, empty)]
+
+
 class Sampler:
   """Generates from a decoder LM's (graphdef, params) with a KV cache. See the module docstring.
 
@@ -172,15 +185,24 @@ class Sampler:
       row[p - a.size:] = a
     controls = SamplingControls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
                                 top_p=jnp.float32(top_p))
+    sizes = kv_cache.view_sizes(bucket(p + int(max_new.max()), self.min_bucket))
+    # slots the next chunk writes: index .. index + chunk - 1, index = p + decode steps so far
+    cache_len = lambda index: next(s for s in sizes if s >= min(index + self.chunk, sizes[-1]))
+    index, allocated = p, cache_len(p)
     state, first = prefill(
         self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray([a.size for a in arrays]),
         jnp.asarray(max_new), jnp.full((len(arrays),), -1 if eos is None else eos, jnp.int32),
-        controls, jax.random.key(seed), cache_len=bucket(p + int(max_new.max()), self.min_bucket))
+        controls, jax.random.key(seed), cache_len=allocated)
     if max_new.max() == 0:
       return
     yield np.asarray(first)[:, None]
-    while not bool(np.all(np.asarray(state.done))):
+    while not bool(np.all(np.asarray(state.done))):   # a chunk ends early only when all are
+      if cache_len(index) > allocated:
+        allocated = cache_len(index)
+        state = state.replace(cache=grow_cache(self.graphdef, self.params, state.cache,
+                                               cache_len=allocated))
       state, out = decode_chunk(self.graphdef, self.params, state, chunk=self.chunk)
+      index += self.chunk
       yield np.asarray(out)
 
   def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[np.ndarray]:

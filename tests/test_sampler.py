@@ -74,7 +74,7 @@ CASES = {   # name: (config overrides, prompt lengths, decode steps, cache slots
                 'model.attn_logit_softcap': 0.5, 'model.final_logit_softcap': 0.3,
                 'model.query_pre_attn_scalar': 3.0, 'model.mlp_activation': 'geglu',
                 'model.scale_embeddings': True}, (3, 10, 6), 20, 64),
-    # past the first 128-slot view: decode switches to the 256 view mid-way
+    # past 128 slots, in a cache with many empty slots (masked)
     'long': ({'model.num_kv_heads': 1}, (100, 120, 60), 40, 256),
 }
 
@@ -102,11 +102,13 @@ def test_decode_logits_equal_full_forward(tiny_config, case):
 
 def test_ring_cache_holds_window_slots_and_positions():
   cache = kv_cache.init(2, 64, 2, 8, window=4)
-  assert cache.k.shape == (2, 2, 4, 8) and cache.pos.shape == (2, 4)   # [B, K, W, H]
+  assert cache.k.shape == (2, 2, 8, 4) and cache.v.shape == (2, 2, 4, 8)   # [B, K, H, W], [B, K, W, H]
+  assert cache.pos.shape == (2, 4)
   k = jnp.arange(7, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 7, 2, 8))
   cache = kv_cache.prefill(cache, k, k, jnp.broadcast_to(jnp.arange(7), (2, 7)))
   np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 3])      # slot = position % 4
-  np.testing.assert_array_equal(cache.k[0, 0, :, 0], [4, 5, 6, 3])
+  np.testing.assert_array_equal(cache.k[0, 0, 0, :], [4, 5, 6, 3])
+  np.testing.assert_array_equal(cache.v[0, 0, :, 0], [4, 5, 6, 3])
   one = jnp.full((2, 1, 2, 8), 7.0)
   cache = kv_cache.append(cache, one, one, jnp.full((2, 1), 7), jnp.int32(7))
   np.testing.assert_array_equal(cache.pos[0], [4, 5, 6, 7])
@@ -121,6 +123,51 @@ def test_cache_bytes_scale_with_kv_heads(tiny_config):
   assert cache_bytes({'model.num_kv_heads': 4}) == 4 * cache_bytes({'model.num_kv_heads': 1})
   assert cache_bytes({'model.num_kv_heads': 4}) == 2 * cache_bytes({'model.num_kv_heads': 2})
   assert cache_bytes({'model.sliding_window': 16}) * 16 == cache_bytes({}) * 1
+
+
+@pytest.mark.parametrize('window, cap', [(None, None), (None, 0.7), (5, None)])
+def test_attend_on_stored_layout_equals_dot_product_attention(window, cap):
+  """`attend`'s reference path on the cache's own layout (keys [B, K, H, S]) == the
+  'blockwise' kernel over the same keys in the [B, S, K, H] layout: left padding, empty slots,
+  the window and the soft cap all respected."""
+  b, n, k, h, slots, p = 2, 4, 2, 8, 24, 13
+  keys = jax.random.split(jax.random.key(1), 4)
+  lengths = jnp.array([6, 13])
+  positions = jnp.arange(p)[None] - (p - lengths)[:, None]
+  positions = jnp.where(positions >= 0, positions, -1)
+  cache = kv_cache.init(b, slots, k, h, window=window)
+  cache = kv_cache.prefill(cache, jax.random.normal(keys[0], (b, p, k, h)),
+                           jax.random.normal(keys[1], (b, p, k, h)), positions)
+  kv = jax.random.normal(keys[2], (2, b, 1, k, h))
+  cache = kv_cache.append(cache, kv[0], kv[1], lengths[:, None], jnp.int32(p))
+  q = jax.random.normal(keys[3], (b, 1, n, h))
+  kw = dict(window=window, logits_soft_cap=cap, scale=0.3)
+  got = kv_cache.attend(q, lengths[:, None], cache, **kw)
+  want = kv_cache.attend(q, lengths[:, None], cache, implementation='blockwise', **kw)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  padding = kv_cache.attend(q, jnp.full((b, 1), -1), cache, **kw)   # attends to nothing
+  np.testing.assert_array_equal(padding, 0.0)
+
+
+def test_grow_keeps_every_token_in_its_slot():
+  b, k, h, p = 2, 2, 8, 10
+  keys = jax.random.split(jax.random.key(2), 3)
+  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+  cache = kv_cache.prefill(kv_cache.init(b, 16, k, h), jax.random.normal(keys[0], (b, p, k, h)),
+                           jax.random.normal(keys[1], (b, p, k, h)), positions)
+  grown = kv_cache.grow(cache, kv_cache.init(b, 40, k, h))
+  assert grown.size == 40
+  np.testing.assert_array_equal(grown.k[..., :16], cache.k)
+  np.testing.assert_array_equal(grown.v[:, :, :16], cache.v)
+  np.testing.assert_array_equal(grown.pos[:, :16], cache.pos)
+  assert np.all(np.asarray(grown.pos[:, 16:]) == -1)
+  q = jax.random.normal(keys[2], (b, 1, 4, h))
+  np.testing.assert_allclose(kv_cache.attend(q, positions[:, -1:], grown),
+                             kv_cache.attend(q, positions[:, -1:], cache), atol=1e-6, rtol=0)
+  ring = kv_cache.init(b, 64, k, h, window=8)
+  assert kv_cache.grow(ring, kv_cache.init(b, 128, k, h, window=8)) is ring
+  with pytest.raises(ValueError, match='cannot grow a cache of 40 slots to 16'):
+    kv_cache.grow(grown, cache)
 
 
 def test_view_sizes():
@@ -142,6 +189,30 @@ def test_greedy_equals_reference_generator(tiny_model):
   ref = np.asarray(generate_reference(graphdef, params, jnp.asarray(prompts), jax.random.key(0),
                                       max_new_tokens=40))[:, 11:]
   out = Sampler(graphdef, params, max_len=256, chunk=7).generate(list(prompts), max_new_tokens=40)
+  np.testing.assert_array_equal(np.stack(out), ref)
+
+
+def test_cache_grows_between_chunks_and_greedy_still_equals_reference(tiny_model):
+  """A long generation grows the cache (128 -> 256 slots: prompt bucket 64 + 100 tokens) between
+  chunks; the tokens equal the full recompute's."""
+  graphdef, params = tiny_model
+  prompts = np.random.RandomState(7).randint(0, 256, (2, 50)).astype(np.int32)
+  ref = np.asarray(generate_reference(graphdef, params, jnp.asarray(prompts), jax.random.key(0),
+                                      max_new_tokens=100))[:, 50:]
+  grown = []
+  real_grow = sampler_lib.grow_cache
+
+  def spy(*args, cache_len, **kwargs):
+    grown.append(cache_len)
+    return real_grow(*args, cache_len=cache_len, **kwargs)
+
+  sampler_lib.grow_cache = spy
+  try:
+    out = Sampler(graphdef, params, max_len=256, chunk=16).generate(list(prompts),
+                                                                   max_new_tokens=100)
+  finally:
+    sampler_lib.grow_cache = real_grow
+  assert grown == [256]
   np.testing.assert_array_equal(np.stack(out), ref)
 
 
@@ -239,8 +310,8 @@ def test_decode_updates_the_cache_in_place(tiny_model):
                                                     top_k=jnp.int32(0), top_p=jnp.float32(1)),
       jax.random.key(0), cache_len=512)
   hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
-  shapes = {'f32[1,2,512,16]', 's32[1,512]'}   # k, v [B, K, L, H]; pos [B, L]
-  assert 'f32[1,2,512,16]' in hlo
+  shapes = {'f32[1,2,16,512]', 'f32[1,2,512,16]', 's32[1,512]'}   # k, v, pos
+  assert 'f32[1,2,16,512]' in hlo and 'f32[1,2,512,16]' in hlo
   copies = [line for line in hlo.splitlines()
             if re.search(r'= (\S+?)\{[^}]*\} copy(-start)?\(', line)
             and re.search(r'= (\S+?)\{', line).group(1) in shapes]
