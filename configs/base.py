@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',
       scan_layers=False,              # stack the layers [L, ...] and run them under lax.scan
       remat='none',                   # 'none' | 'full' | 'save_dots' | 'save_dots_no_batch'
+      # LoRA (models/lora.py): rank 0 = off; else only adapters on these projections train
+      lora_rank=0,
+      lora_alpha=16.0,                # the adapters' output is scaled by lora_alpha / lora_rank
+      lora_targets='q,k,v,o,gate,up,down',   # comma-separated: q k v o (attention), gate up down
   )
   c.data = dict(
       corpus='stdlib',                # 'stdlib' (this interpreter's Lib/*.py) | 'files' | 'mixture'

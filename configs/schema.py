@@ -63,6 +63,13 @@ RESUME_ELASTIC = (
     'data.prepare_workers', 'data.cache_dir', 'model.attention', 'model.attention_block_q',
     'model.attention_block_kv', 'model.dtype', 'model.remat', 'model.scan_layers',
     'model.max_len', 'mesh.')
+# LoRA (models/lora.py): the projections `model.lora_targets` may name (their attribute names in
+# models/layers.py) and the fields of a LoRA run. Turning LoRA on is allowed on any resume (the
+# saved parameters become the frozen base; the adapters start with a fresh optimizer state);
+# once a run trains adapters, these fields are fixed.
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+LORA_FIELDS = ('model.lora_rank', 'model.lora_alpha', 'model.lora_targets')
+GATED_ACTIVATIONS = ('swiglu', 'geglu')   # the MLPs with a `gate` projection
 # LMX_MAX_STEPS=N caps train.steps and these (smoke tests of documented commands).
 STEP_INTERVALS = ('log_every', 'eval_every', 'checkpoint_every', 'eval_batches')
 MAX_STEPS_ENV = 'LMX_MAX_STEPS'
@@ -265,6 +272,29 @@ def _check_mixture(d) -> None:
                       'source needs a weight > 0.')
 
 
+def _check_lora(m) -> None:
+  rank = m.lora_rank
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    raise ConfigError(f'model.lora_rank={rank!r}: must be an integer >= 0 (0: no LoRA).')
+  if not rank:
+    return
+  if not isinstance(m.lora_alpha, (int, float)) or isinstance(m.lora_alpha, bool) or \
+      not m.lora_alpha > 0:
+    raise ConfigError(f'model.lora_alpha={m.lora_alpha!r}: must be a number > 0 (the adapters '
+                      'are scaled by lora_alpha / lora_rank).')
+  allowed = [t for t in LORA_TARGETS
+             if t != 'gate' or m.mlp_activation in GATED_ACTIVATIONS]
+  text = m.lora_targets if isinstance(m.lora_targets, str) else ''
+  names = [t.strip() for t in text.split(',') if t.strip()]
+  bad = [t for t in names if t not in allowed] if names else [text]
+  if bad:
+    why = (f'model.mlp_activation={m.mlp_activation!r} has no gate projection'
+           if bad[0] == 'gate' else 'it names no projection')
+    raise ConfigError(f'model.lora_targets={m.lora_targets!r}: {bad[0]!r} is not a LoRA target '
+                      f'({why}); allowed: comma-separated names from {", ".join(allowed)} '
+                      '(q, k, v, o: attention; gate, up, down: MLP).')
+
+
 def cap_steps(config: ml_collections.ConfigDict) -> None:
   """With LMX_MAX_STEPS=N in the environment, caps train.steps at N in place, and the log, eval
   and checkpoint intervals and eval_batches with it (warmup stays below the steps). Idempotent.
@@ -315,6 +345,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.positional == 'sinusoidal' and m.d_model % 2:
     raise ConfigError(f'model.d_model={m.d_model} must be even for model.positional=sinusoidal.')
   _check_rope_scaling(m)
+  _check_lora(m)
   if not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout!r}: must be a number in [0, 1).')
   _check_window_pattern(m)
@@ -401,7 +432,8 @@ def resume_differences(saved: ml_collections.ConfigDict, new: ml_collections.Con
   """(fixed, elastic): the fields that differ between a run's saved config and the config it
   is resumed with, as 'train.steps: 200 -> 400'. A resume with any `fixed` difference must be
   refused. fresh_start: the checkpoint holds no training progress (an imported model's step 0):
-  only the model's parameter shapes are fixed then."""
+  only the model's parameter shapes are fixed then. A run without LoRA may turn it on
+  (LORA_FIELDS are elastic while the saved model.lora_rank is 0)."""
   a, b = flatten(saved.to_dict()), flatten(new.to_dict())
   changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
   line = lambda k: f'{k}: {a.get(k)!r} -> {b.get(k)!r}'
@@ -409,6 +441,8 @@ def resume_differences(saved: ml_collections.ConfigDict, new: ml_collections.Con
     fixed = set(k.split(':')[0] for k in shape_differences(saved, new))
   else:
     fixed = {k for k in changed if not _is_elastic(k)}
+  if not a.get('model.lora_rank'):
+    fixed -= set(LORA_FIELDS)
   return [line(k) for k in changed if k in fixed], [line(k) for k in changed if k not in fixed]
 
 

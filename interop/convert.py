@@ -20,6 +20,7 @@ from absl import logging
 from configs import schema
 from interop import hf_config, hf_params, hf_tokenizer
 from interop.hf_config import InteropError
+from models import lora
 from text.tokenizer import make_tokenizer
 from workdir import checkpoints, files, runinfo
 from workdir.load import load_workdir
@@ -104,21 +105,31 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32',
   return config
 
 
-def export_hf(workdir: str, out: str, *, dtype: str | None = None,
-              max_shard_size: str = '5GB') -> dict:
+def export_hf(workdir: str, out: str, *, dtype: str | None = None, max_shard_size: str = '5GB',
+              merge_lora: bool = False) -> dict:
   """Writes the workdir's latest parameters as a Hugging Face folder (safetensors, config.json,
-  tokenizer files) that transformers' AutoModelForCausalLM loads; returns the config.json dict."""
+  tokenizer files) that transformers' AutoModelForCausalLM loads; returns the config.json dict.
+  merge_lora: a LoRA workdir's adapters are folded into the kernels (models/lora.py `merge`);
+  without it such a workdir is refused (its adapters go out with interop/peft.py)."""
   max_bytes = hf_params.parse_size(max_shard_size)
   config = files.load_config(workdir)
+  rank = config.model.lora_rank
+  if rank and not merge_lora:
+    raise InteropError(f'--workdir={workdir} trains LoRA adapters (model.lora_rank={rank}): give '
+                       '--merge_lora to export the model with the adapters merged into its '
+                       'weights, or --to_peft=OUT to export the adapters alone.')
+  if merge_lora and not rank:
+    raise InteropError(f'--merge_lora: --workdir={workdir} has no LoRA adapters '
+                       '(model.lora_rank=0); export it without --merge_lora.')
   family = hf_config.family_for(config.model)
   _check_target(out, '--to_hf')
   dtype = dtype or config.model.param_dtype
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise InteropError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
   loaded = load_workdir(workdir)
-  specs = hf_params.tensor_specs(loaded.params)
-  flat = {hf_params.path_name(p): leaf
-          for p, leaf in jax.tree_util.tree_leaves_with_path(loaded.params)}
+  params = lora.merge(loaded.params, lora.scale_of(config.model)) if rank else loaded.params
+  specs = hf_params.tensor_specs(params)
+  flat = {hf_params.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   by_name = {s.hf: s for s in specs}
   itemsize = jnp.dtype(dtype).itemsize
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import kv_cache, positional
+from models import kv_cache, lora, positional
 from models.attention import dot_product_attention
 
 
@@ -32,12 +32,14 @@ def make_param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str |
 
 
 class Projection(nnx.Module):
-  """y = x . W (+ b), contracting x's trailing `in_shape` dims. W: [*in_shape, *out_shape]."""
+  """y = x . W (+ b) (+ a LoRA adapter's term, models/lora.py), contracting x's trailing
+  `in_shape` dims. W: [*in_shape, *out_shape]."""
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
                axes: Sequence[str | None], *, use_bias: bool, std: float, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs):
+               param_dtype: str, rngs: nnx.Rngs, lora: lora.Adapter | None = None):
     self.n_in = len(in_shape)
+    self.lora = lora
     self.dtype = dtype_of(dtype)
     pdt = dtype_of(param_dtype)
     self.kernel = make_param(rngs, (*in_shape, *out_shape), axes, std, pdt)
@@ -49,12 +51,22 @@ class Projection(nnx.Module):
     in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
     lead = x.shape[:x.ndim - self.n_in]
     # A plain 2-D matmul: XLA:CPU handles it far better than a multi-dim contraction.
-    y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(
-        math.prod(in_shape), math.prod(out_shape))
+    x2d = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
+    y = x2d @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
+    if self.lora is not None:
+      y = y + self.lora(x2d)
     y = y.reshape(*lead, *out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def projection(cfg, name: str, in_shape: Sequence[int], out_shape: Sequence[int],
+               axes: Sequence[str | None], **kw) -> Projection:
+  """A block's projection called `name` (q, k, v, o, gate, up, down), with a LoRA adapter when
+  cfg.lora_targets names it (models/lora.py)."""
+  return Projection(in_shape, out_shape, axes, **kw,
+                    lora=lora.adapter_for(cfg, name, in_shape, out_shape, axes))
 
 
 class Norm(nnx.Module):
@@ -106,10 +118,10 @@ class Mlp(nnx.Module):
     kw = dict(use_bias=cfg.mlp_bias, std=cfg.init_std, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, rngs=rngs)
     self.act = ACTIVATIONS[cfg.mlp_activation]
-    self.gate = (Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
+    self.gate = (projection(cfg, 'gate', (cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
                  if cfg.mlp_activation in GATED else None)
-    self.up = Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
-    self.down = Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp', 'embed'), **kw)
+    self.up = projection(cfg, 'up', (cfg.d_model,), (cfg.mlp_dim,), ('embed', 'mlp'), **kw)
+    self.down = projection(cfg, 'down', (cfg.mlp_dim,), (cfg.d_model,), ('mlp', 'embed'), **kw)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     h = self.up(x)
@@ -162,13 +174,15 @@ class Attention(nnx.Module):
     self.softcap = cfg.get('attn_logit_softcap')
     self.implementation = None if cfg.attention == 'auto' else cfg.attention
     self.block_q, self.block_kv = cfg.get('attention_block_q'), cfg.get('attention_block_kv')
-    self.q = Projection((cfg.d_model,), (cfg.num_heads, h), ('embed', 'heads', 'head_dim'), **kw)
-    self.k = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
-                        **kw)
-    self.v = Projection((cfg.d_model,), (cfg.num_kv_heads, h), ('embed', 'kv_heads', 'head_dim'),
-                        **kw)
+    self.q = projection(cfg, 'q', (cfg.d_model,), (cfg.num_heads, h),
+                        ('embed', 'heads', 'head_dim'), **kw)
+    self.k = projection(cfg, 'k', (cfg.d_model,), (cfg.num_kv_heads, h),
+                        ('embed', 'kv_heads', 'head_dim'), **kw)
+    self.v = projection(cfg, 'v', (cfg.d_model,), (cfg.num_kv_heads, h),
+                        ('embed', 'kv_heads', 'head_dim'), **kw)
     out_bias = cfg.get('attention_out_bias')
-    self.o = Projection((cfg.num_heads, h), (cfg.d_model,), ('heads', 'head_dim', 'embed'),
+    self.o = projection(cfg, 'o', (cfg.num_heads, h), (cfg.d_model,),
+                        ('heads', 'head_dim', 'embed'),
                         **dict(kw, use_bias=cfg.attention_bias if out_bias is None else out_bias))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray | None, *, segment_ids=None,

@@ -6,6 +6,9 @@ Layout: WORKDIR/checkpoints/<step>/ holds one orbax directory per item, plus sha
   train/   {'step', 'opt_state', 'rng'}: what resuming a run needs besides the parameters
   data/    the grain iterator position
   meta/    small JSON facts of the run at that step (training/checkpoint.py)
+  lora/    a LoRA run's adapters (models/lora.py): its steps hold lora/ instead of params/, and
+           meta/ `lora_base_step` names the step whose params/ they adapt (the frozen base,
+           written once, never again; it is kept while steps refer to it)
 An imported workdir (interop) has `params` only; training starts its optimizer afresh from it.
 Reading the parameters opens `params/` alone, so the optimizer state (two parameter-sized Adam
 moments) is never read, verified or allocated for inference.
@@ -22,12 +25,13 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from models import build_model
+from models import build_model, lora
 from workdir import integrity
 from workdir import mesh as mesh_lib
 from workdir.files import WorkdirError
 
-PARAMS, TRAIN, DATA, META = 'params', 'train', 'data', 'meta'
+PARAMS, TRAIN, DATA, META, LORA = 'params', 'train', 'data', 'meta', 'lora'
+BASE_STEP = 'lora_base_step'   # meta/ key of a LoRA step: the step holding its frozen base
 
 
 def root(workdir: str) -> str:
@@ -46,6 +50,24 @@ def steps(workdir: str) -> list[int]:
 
 def has_item(workdir: str, step: int, item: str) -> bool:
   return os.path.isdir(os.path.join(step_dir(workdir, step), item))
+
+
+def read_meta(workdir: str, step: int) -> dict:
+  """The step's meta/ item ({} when it has none)."""
+  if not has_item(workdir, step, META):
+    return {}
+  return dict(ocp.JsonCheckpointHandler().restore(epath.Path(step_dir(workdir, step)) / META))
+
+
+def base_step(workdir: str, step: int) -> int | None:
+  """The step whose params/ a LoRA step's adapters apply to; None for a step with params/."""
+  if not has_item(workdir, step, LORA):
+    return None
+  base = read_meta(workdir, step).get(BASE_STEP)
+  if base is None or not has_item(workdir, base, PARAMS):
+    raise WorkdirError(f'--workdir={workdir}: checkpoint {step} holds LoRA adapters, but their '
+                       f'base parameters (step {base}) are missing; they cannot be used.')
+  return base
 
 
 def _param_shapes(tree) -> dict:
@@ -102,32 +124,55 @@ def _in_flight_gb(params) -> float:
   return (largest + (1 << 20)) / 1e9
 
 
-def _restore_params(path: str, abstract_params):
-  """The `params` item of step directory `path`, into the shapes/shardings of the abstract
+def _restore_params(path: str, abstract_params, name: str = PARAMS):
+  """The `name` item of step directory `path`, into the shapes/shardings of the abstract
   nnx.State `abstract_params`."""
-  item = os.path.join(path, PARAMS)
+  item = os.path.join(path, name)
   handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_in_flight_gb(abstract_params))
   check_param_shapes(abstract_params, handler.metadata(epath.Path(item)).tree)
   with ocp.Checkpointer(handler) as checkpointer:
     return checkpointer.restore(item, args=ocp.args.StandardRestore(abstract_params))
 
 
+def _zeros(abstract):
+  return jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding), abstract)
+
+
+def _check_step(workdir: str, s: int, with_lora: bool) -> tuple[int | None, str | None]:
+  """(base step, problem) of step `s`: a LoRA step (`with_lora` and a lora/ item) checks its
+  adapters and its base step's params/ and returns that base step; any other step its params/."""
+  path = step_dir(workdir, s)
+  if with_lora and has_item(workdir, s, LORA):
+    b = base_step(workdir, s)
+    return b, (integrity.verify(path, only=LORA)
+               or integrity.verify(step_dir(workdir, b), only=PARAMS))
+  if not has_item(workdir, s, PARAMS):
+    return None, f'it has no {PARAMS}/ item'
+  return None, integrity.verify(path, only=PARAMS)
+
+
 def restore_params(workdir: str, abstract_params, step: int | None = None) -> tuple[object, int]:
   """(parameters, step) of the newest usable checkpoint (or of `step`): only the `params` item
-  is verified against its checksums and read. A damaged newer step is reported on stderr and
-  the previous one used; nothing is moved or written (training does that). Raises
-  WorkdirError when no step restores."""
+  (a LoRA step: its `lora` item and its base step's `params`) is verified against its checksums
+  and read. A damaged newer step is reported on stderr and the previous one used; nothing is
+  moved or written (training does that). Raises WorkdirError when no step restores."""
   candidates = [step] if step is not None else steps(workdir)[::-1]
   if not candidates:
     raise WorkdirError(f'--workdir={workdir}: no checkpoint there yet.')
   problems = []
   for s in candidates:
     path = step_dir(workdir, s)
-    problem = (f'it has no {PARAMS}/ item' if not os.path.isdir(os.path.join(path, PARAMS))
-               else integrity.verify(path, only=PARAMS))
+    adapters, base = lora.split(abstract_params)
+    base_of, problem = _check_step(workdir, s, bool(jax.tree.leaves(adapters)))
     if problem is None:
       try:
-        params = _restore_params(path, abstract_params)
+        if base_of is not None:   # adapters over their base step's parameters
+          params = nnx.merge_state(_restore_params(step_dir(workdir, base_of), base),
+                                   _restore_params(path, adapters, LORA))
+        elif jax.tree.leaves(adapters):   # LoRA on, none trained yet: zero adapters = the base
+          params = nnx.merge_state(_restore_params(path, base), _zeros(adapters))
+        else:
+          params = _restore_params(path, abstract_params)
       except WorkdirError:  # the config does not describe this model: not damage
         raise
       except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
