@@ -107,3 +107,182 @@ def test_gate_without_a_gated_mlp_names_no_projection():
     schema.validate(_tiny({**LORA, 'model.mlp_activation': 'gelu'}))
   with pytest.raises(schema.ConfigError, match='model.lora_rank'):
     schema.validate(_tiny({'model.lora_rank': -1}))
+
+
+# --- A LoRA fine-tune of an imported transformers Llama -------------------------------------
+
+def _finetune_config(wd, corpus, overrides=None):
+  from workdir import files
+  return schema.apply_overrides(files.load_config(wd), {
+      **LORA, 'data.corpus': 'files', 'data.files': corpus, 'data.seq_len': 16,
+      'train.batch_size': 4, 'train.steps': 4, 'train.warmup_steps': 1,
+      'train.learning_rate': 3e-2, 'train.log_every': 1, 'train.eval_every': 100,
+      'train.eval_batches': 1, 'train.checkpoint_every': 2, **(overrides or {})})
+
+
+@pytest.fixture(scope='module')
+def llama(tmp_path_factory):
+  """A tiny random transformers Llama, imported, then LoRA-trained 4 steps; with the base
+  parameters and the step-0 manifest as they were before training."""
+  pytest.importorskip('peft')
+  from tests.test_hf import TEXT, make_hf_model, write_tokenizer
+  from interop.convert import import_hf
+  root = tmp_path_factory.mktemp('lora_llama')
+  hf_dir, wd = str(root / 'hf'), str(root / 'wd')
+  model = make_hf_model('llama')
+  model.save_pretrained(hf_dir)
+  write_tokenizer(hf_dir)
+  import_hf(hf_dir, wd)
+  (root / 'corpus.txt').write_text(TEXT * 30)
+  base = load_workdir(wd).params
+  with open(os.path.join(checkpoints.step_dir(wd, 0), 'sha256.json')) as f:
+    manifest = f.read()
+  cfg = _finetune_config(wd, str(root / 'corpus.txt'))
+  loop.train(cfg, wd)
+  return dict(hf_model=model, hf_dir=hf_dir, wd=wd, root=root, base=base, manifest=manifest,
+              config=cfg)
+
+
+def _our_logits(wd):
+  w = load_workdir(wd)
+  return np.asarray(nnx.merge(w.graphdef, w.params)(jnp.asarray(TOKENS)))
+
+
+def _hf_logits(model):
+  import torch
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def test_peft_loads_our_adapters_with_our_logits(llama):
+  """--to_peft -> peft.PeftModel.from_pretrained on the transformers base: our logits."""
+  import peft
+  import transformers
+  import torch
+  from interop.peft import export_peft
+  out = str(llama['root'] / 'peft')
+  config = export_peft(llama['wd'], out)
+  assert sorted(os.listdir(out)) == ['adapter_config.json', 'adapter_model.safetensors']
+  assert config['r'] == 4 and config['lora_alpha'] == 8 and config['peft_type'] == 'LORA'
+  assert config['base_model_name_or_path'] == os.path.abspath(llama['hf_dir'])
+  base = transformers.AutoModelForCausalLM.from_pretrained(llama['hf_dir'], dtype=torch.float32)
+  tuned = peft.PeftModel.from_pretrained(base, out).eval()
+  b = [p for n, p in tuned.named_parameters() if 'lora_B' in n]
+  assert len(b) == 2 * 7 and all(p.abs().max() > 0 for p in b)   # trained: B != 0
+  ours = _our_logits(llama['wd'])
+  np.testing.assert_allclose(_hf_logits(tuned), ours, atol=ATOL, rtol=0)
+  assert np.abs(ours - _hf_logits(llama['hf_model'])).max() > 100 * ATOL   # adapters matter
+
+
+def test_merged_export_gives_the_same_logits(llama):
+  import transformers
+  import torch
+  from interop.convert import export_hf
+  out = str(llama['root'] / 'merged')
+  export_hf(llama['wd'], out, merge_lora=True)
+  merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  np.testing.assert_allclose(_hf_logits(merged), _our_logits(llama['wd']), atol=ATOL, rtol=0)
+
+
+def test_export_refusals_name_the_flag(llama, trained, tmp_path):
+  from interop.convert import export_hf
+  from interop.hf_config import InteropError
+  from interop.peft import export_peft
+  with pytest.raises(InteropError, match='--merge_lora.*--to_peft'):
+    export_hf(llama['wd'], str(tmp_path / 'a'))
+  with pytest.raises(InteropError, match='--merge_lora: .*model.lora_rank=0'):
+    export_hf(trained[1], str(tmp_path / 'b'), merge_lora=True)
+  with pytest.raises(InteropError, match='--to_peft: .*model.lora_rank=0'):
+    export_peft(trained[1], str(tmp_path / 'c'))
+  assert not os.listdir(tmp_path)
+
+
+def test_base_is_bitwise_unchanged_and_only_adapters_have_optimizer_state(llama):
+  wd = llama['wd']
+  assert checkpoints.steps(wd) == [0, 2, 4]
+  step0 = checkpoints.step_dir(wd, 0)
+  with open(os.path.join(step0, 'sha256.json')) as f:
+    assert f.read() == llama['manifest']
+  assert integrity.verify(step0) is None   # every file of the imported step as written
+  for step in (2, 4):   # LoRA steps hold adapters, never the base
+    assert not checkpoints.has_item(wd, step, checkpoints.PARAMS)
+    assert checkpoints.read_meta(wd, step)[checkpoints.BASE_STEP] == 0
+  _, base = lora.split(load_workdir(wd).params)
+  for a, b in zip(_leaves(llama['base']), _leaves(base)):
+    np.testing.assert_array_equal(a, b)
+  from training import checkpoint as ckpt_lib
+  s = loop.setup(llama['config'])
+  state = ckpt_lib.Checkpointer(wd, read_only=True).restore(s.abstract_state)
+  for a, b in zip(_leaves(llama['base']), _leaves(state.frozen)):
+    np.testing.assert_array_equal(a, b)
+  adapters = {tuple(x.shape) for x in jax.tree.leaves(state.params)}
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  assert {tuple(x.shape) for x in moments} == adapters
+  assert lora.count(moments) == 2 * lora.count(state.params)   # Adam's mu and nu
+  assert lora.count(state.params) < lora.count(base) / 10
+
+
+# --- Resume, LoRA on a trained run, the encoder-decoder ---------------------------------------
+
+def test_lora_on_a_trained_run_resumes_exactly(trained, tmp_path, capsys):
+  """A trained run (no LoRA, step 20) resumed with LoRA on: accepted, its step-20 parameters
+  become the frozen base (kept although keep_checkpoints=1); 20 -> 24 in one go equals
+  20 -> 22, then 22 -> 24, bitwise (adapters, optimizer state)."""
+  cfg, src = trained
+  cfg = schema.apply_overrides(cfg, {**LORA, 'train.steps': 24, 'train.keep_checkpoints': 1,
+                                     'train.checkpoint_every': 2})
+  runs = {}
+  for name, stops in (('once', (None,)), ('twice', (22, None))):
+    wd = str(tmp_path / name)
+    shutil.copytree(src, wd)
+    for stop in stops:
+      loop.train(cfg, wd, stop_after=stop)
+    runs[name] = wd
+  printed = capsys.readouterr().out
+  assert 'LoRA: training rank-4 adapters on q,k,v,o,gate,up,down over the parameters of' in printed
+  assert 'at step 20, which stay frozen' in printed
+  from training import checkpoint as ckpt_lib
+  s = loop.setup(cfg)
+  once, twice = (ckpt_lib.Checkpointer(runs[n], read_only=True).restore(s.abstract_state)
+                 for n in ('once', 'twice'))
+  assert int(once.step) == int(twice.step) == 24
+  for a, b in zip(_leaves((once.params, once.opt_state)),
+                  _leaves((twice.params, twice.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  assert checkpoints.steps(runs['twice']) == [20, 24]
+  base = ckpt_lib.Checkpointer(src, read_only=True).restore(loop.setup(trained[0]).abstract_state)
+  for a, b in zip(_leaves(base.params), _leaves(twice.frozen)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_encoder_decoder_trains_adapters_over_a_frozen_base(tmp_path):
+  """LoRA from scratch on the encoder-decoder: the random base is written once (step 0) and
+  stays as written; the adapters (self and cross attention, MLP) train; sampling reads them."""
+  from interop.hf_config import InteropError
+  from interop.peft import export_peft
+  from sampling import encdec as encdec_sampling
+  cfg = schema.apply_overrides(encdec.get_config('reversal'), {
+      **LORA, 'model.num_encoder_layers': 1, 'model.num_decoder_layers': 1, 'model.d_model': 32,
+      'model.mlp_dim': 64, 'model.num_heads': 2, 'model.num_kv_heads': 2,
+      'train.batch_size': 8, 'train.steps': 3, 'train.warmup_steps': 1,
+      'train.learning_rate': 1e-2, 'train.checkpoint_every': 3, 'train.eval_every': 100,
+      'train.eval_batches': 1, 'train.log_every': 1})
+  wd = str(tmp_path / 'wd')
+  result = loop.train(cfg, wd)
+  assert result['step'] == 3 and np.isfinite(result['loss'])
+  assert checkpoints.steps(wd) == [0, 3]
+  assert integrity.verify(checkpoints.step_dir(wd, 0)) is None
+  w = load_workdir(wd)
+  adapters, base = lora.split(w.params)
+  initial = loop.setup(cfg).init_state().frozen   # the base the run started from
+  for a, b in zip(_leaves(initial), _leaves(base)):
+    np.testing.assert_array_equal(a, b)
+  trained_b = [x for p, x in _adapters(w.params).items() if p.endswith('.b')]
+  assert any('cross_attn' in p for p in _adapters(w.params))
+  assert all(np.abs(x).max() > 0 for x in trained_b)
+  texts = encdec_sampling.complete(w.graphdef, w.params, w.tokenizer, 'abc', max_len=32,
+                                   max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0,
+                                   seed=0, num_samples=1, beam_size=0, alpha=0.6)
+  assert len(texts) == 1
+  with pytest.raises(InteropError, match='model.kind'):
+    export_peft(wd, str(tmp_path / 'peft'))

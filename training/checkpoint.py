@@ -7,6 +7,9 @@ ones; old steps are deleted only once a newer one is committed and checksummed. 
 parameters only (an import) restores as a TrainState whose `is_params_only`: the caller starts a
 fresh optimizer state. The state is typed in memory (training/state.py) and two dict items on
 disk, the layout older versions wrote.
+LoRA (the state's `frozen` holds the base): a step saves the adapters as its `lora` item and
+names its base step in `meta`; that base step is never pruned while it is referenced. Restoring
+a step with `params` (LoRA starting there) is params-only too: they become the frozen base.
 """
 from __future__ import annotations
 
@@ -75,11 +78,13 @@ class Checkpointer:
         os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
         item_handlers={ckpts.PARAMS: ocp.StandardCheckpointHandler(),
                        ckpts.TRAIN: ocp.StandardCheckpointHandler(),
+                       ckpts.LORA: ocp.StandardCheckpointHandler(),
                        ckpts.DATA: grain.checkpoint.CheckpointHandler(),
                        ckpts.META: ocp.JsonCheckpointHandler()})
     self._unsealed: int | None = None   # saved, but its manifest is not written yet
     self.restored_step: int | None = None
     self.restored_meta: dict = {}   # the restored step's `meta` ({} for older checkpoints)
+    self.lora_base: int | None = None   # LoRA: the step holding the frozen base (set by restore)
 
   @staticmethod
   def steps(workdir: str) -> list[int]:
@@ -100,10 +105,15 @@ class Checkpointer:
     """Starts an asynchronous save; the previous one is sealed (checksummed) first.
     meta: small JSON-able facts about the run at this step (restored as `restored_meta`)."""
     self._seal()
-    items = {ckpts.PARAMS: ocp.args.StandardSave(state.params),
+    lora = state.has_frozen   # LoRA: the adapters; the base is in its own step already
+    if lora and self.lora_base is None:
+      raise ValueError('a LoRA state is saved only after restoring its base (lora_base).')
+    items = {ckpts.LORA if lora else ckpts.PARAMS: ocp.args.StandardSave(state.params),
              ckpts.TRAIN: ocp.args.StandardSave(state.train_item())}
     if data_iter is not None:
       items[ckpts.DATA] = grain.checkpoint.CheckpointSave(data_iter)
+    if lora:
+      meta = {**(meta or {}), ckpts.BASE_STEP: self.lora_base}
     if meta is not None:
       items[ckpts.META] = ocp.args.JsonSave(meta)
     try:
@@ -111,6 +121,16 @@ class Checkpointer:
     except OSError as e:
       raise self._save_failed(step, e) from e
     self._unsealed = step
+
+  def save_base(self, step: int, params) -> None:
+    """Writes the frozen base of a LoRA run that starts from scratch as a params-only step (as
+    an import does), sealed before training starts; later steps name it as their base."""
+    self._seal()
+    self.manager.save(step, args=ocp.args.Composite(
+        **{ckpts.PARAMS: ocp.args.StandardSave(params)}), force=True)
+    self._unsealed = step
+    self._seal()
+    self.lora_base = step
 
   def _save_failed(self, step: int, error: BaseException) -> 'WorkdirError':
     """The error a failed (background) save ends the run with: the workdir, the step, the cause,
@@ -134,9 +154,10 @@ class Checkpointer:
       raise self._save_failed(step, e) from e
     ckpts.seal(self.step_dir(step))
     sealed = [s for s in self.manager.all_steps() if integrity.has_manifest(self.step_dir(s))]
+    sealed = [s for s in sealed if s != self.lora_base]   # the LoRA base stays
     if len(sealed) > self.keep:
       for s in self.manager.all_steps():
-        if s < sorted(sealed)[-self.keep]:
+        if s < sorted(sealed)[-self.keep] and s != self.lora_base:
           self.manager.delete(s)
 
   def restore(self, abstract_state: TrainState, data_iter=None,
@@ -187,14 +208,19 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state: TrainState,
                data_iter) -> tuple[TrainState, dict]:
     """(state, meta) of `step`; meta is {} when the checkpoint has none, the state is params
-    only when the step has no `train` item (an import)."""
+    only when the step has no `train` item (an import) or LoRA starts on its `params`."""
+    frozen = abstract_state.frozen
+    with_lora = abstract_state.has_frozen
+    if with_lora and ckpts.has_item(self.workdir, step, ckpts.LORA):
+      return self._restore_lora(step, abstract_state, data_iter)
     if not ckpts.has_item(self.workdir, step, ckpts.PARAMS):
       raise ValueError(f'it has no {ckpts.PARAMS}/ item (a checkpoint of an older version of '
                        'this code?)')
-    ckpts.check_param_shapes(abstract_state.params,
-                             self.manager.item_metadata(step)[ckpts.PARAMS].tree)
-    items = {ckpts.PARAMS: ocp.args.StandardRestore(abstract_state.params)}
-    has_train = ckpts.has_item(self.workdir, step, ckpts.TRAIN)
+    target = frozen if with_lora else abstract_state.params
+    ckpts.check_param_shapes(target, self.manager.item_metadata(step)[ckpts.PARAMS].tree)
+    items = {ckpts.PARAMS: ocp.args.StandardRestore(target)}
+    # LoRA starting on a trained step: its optimizer state is for all parameters, not read.
+    has_train = ckpts.has_item(self.workdir, step, ckpts.TRAIN) and not with_lora
     if has_train:
       items[ckpts.TRAIN] = ocp.args.StandardRestore(abstract_state.train_item())
     if data_iter is not None and ckpts.has_item(self.workdir, step, ckpts.DATA):
@@ -204,7 +230,29 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = TrainState.from_items(restored[ckpts.PARAMS],
                                   dict(restored[ckpts.TRAIN]) if has_train else None)
+    self.lora_base = step if with_lora else None
     return state, dict(restored[ckpts.META]) if ckpts.META in items else {}
+
+  def _restore_lora(self, step: int, abstract_state: TrainState,
+                    data_iter) -> tuple[TrainState, dict]:
+    """A LoRA step: its adapters, optimizer state and data position, and the frozen base from
+    the step its meta names (verified against that step's checksums)."""
+    base = ckpts.base_step(self.workdir, step)
+    problem = integrity.verify(self.step_dir(base), only=ckpts.PARAMS)
+    if problem is not None:
+      raise ValueError(f'its LoRA base, step {base}, is unusable ({problem})')
+    ckpts.check_param_shapes(abstract_state.params,
+                             self.manager.item_metadata(step)[ckpts.LORA].tree)
+    items = {ckpts.LORA: ocp.args.StandardRestore(abstract_state.params),
+             ckpts.TRAIN: ocp.args.StandardRestore(abstract_state.train_item()),
+             ckpts.META: ocp.args.JsonRestore()}
+    if data_iter is not None and ckpts.has_item(self.workdir, step, ckpts.DATA):
+      items[ckpts.DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    frozen = ckpts.restore_item(self.step_dir(base), abstract_state.frozen)
+    self.lora_base = base
+    state = TrainState.from_items(restored[ckpts.LORA], dict(restored[ckpts.TRAIN]))
+    return state.replace(frozen=frozen), dict(restored[ckpts.META])
 
   def close(self) -> None:
     self._seal()

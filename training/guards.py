@@ -35,8 +35,11 @@ def skip_nonfinite(train_step: Callable) -> Callable:
   def guarded(state, batch):
     new_state, metrics = train_step(state, batch)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return kept.replace(step=new_state.step), {**metrics, 'skipped_steps': jnp.where(finite, 0.0, 1.0)}
+    # `frozen` (LoRA's base) passes through: never selected, so never copied.
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        new_state.replace(frozen=None), state.replace(frozen=None))
+    kept = kept.replace(step=new_state.step, frozen=new_state.frozen)
+    return kept, {**metrics, 'skipped_steps': jnp.where(finite, 0.0, 1.0)}
 
   return guarded
 

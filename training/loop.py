@@ -1,9 +1,9 @@
 """Init, train_step, eval_step and the loop. Steps are pure functions of (state, batch) under jit.
 
-The train state is a `training.state.TrainState` (step, params, opt_state, rng); `params` is
-the model's `nnx.State` of Params, re-attached to the static graphdef inside the step with
-`nnx.merge`; `rng` is raw key data [2] uint32 (checkpointed), folded with the step for per-step
-randomness.
+The train state is a `training.state.TrainState` (step, params, opt_state, rng, frozen);
+`params` is the model's `nnx.State` of the Params that train, re-attached to the static graphdef
+inside the step with `nnx.merge` (together with `frozen`, LoRA's base: models/lora.py); `rng` is
+raw key data [2] uint32 (checkpointed), folded with the step for per-step randomness.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from configs import schema
-from models import build_model
+from models import build_model, lora
 from text.tokenizer import make_tokenizer
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
@@ -69,16 +69,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
   """(state, batch) -> (state, metrics). The loss is the mean over all weighted tokens of the
   batch, also when it is split into `grad_accum_steps` micro-batches."""
 
-  def loss_and_grads(params, batch, rng):
-    fn = lambda p: model_loss(nnx.merge(graphdef, p), batch, rng)
+  def loss_and_grads(params, frozen, batch, rng):
+    states = (params,) if frozen is None else (params, frozen)   # frozen: LoRA's base
+    fn = lambda p: model_loss(nnx.merge(graphdef, p, *states[1:]), batch, rng)
     (loss_sum, weight_sum), grads = jax.value_and_grad(fn, has_aux=True)(params)
     return loss_sum, weight_sum, grads
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    params = state.params
+    params, frozen = state.params, state.frozen
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
-      loss_sum, weight_sum, grads = loss_and_grads(params, batch, rng)
+      loss_sum, weight_sum, grads = loss_and_grads(params, frozen, batch, rng)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -86,7 +87,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
 
       def accumulate(carry, xs):
         mb, i = xs
-        l, w, g = loss_and_grads(params, mb, jax.random.fold_in(rng, i))
+        l, w, g = loss_and_grads(params, frozen, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (l, w, g)), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
@@ -115,7 +116,8 @@ class Setup:
   abstract_state: TrainState     # of jax.ShapeDtypeStruct carrying their shardings
   state_shardings: TrainState    # of NamedSharding
   init_state: callable
-  state_from_params: callable   # (params, step) -> a train state with a fresh optimizer state
+  state_from_params: callable   # (params, step) -> a train state with a fresh optimizer state;
+                                # with LoRA the params become `frozen`, fresh adapters train
   train_step: callable
   eval_step: callable
   schedule: callable
@@ -129,13 +131,24 @@ def setup(config, devices=None) -> Setup:
   in_mesh = functools.partial(wd_mesh.under_rules, mesh=mesh, rules=rules)
   tx = optim.make_optimizer(config.train)
 
-  def state_from_params(params, step):
+  with_lora = bool(lora.targets_of(config.model))
+
+  def new_state(params, frozen, step):
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=initial_rng(config.train.seed))
+                      opt_state=tx.init(params), rng=initial_rng(config.train.seed),
+                      frozen=frozen)
 
   def create_state():
-    model = build_model(config, nnx.Rngs(config.train.seed))
-    return state_from_params(nnx.state(model, nnx.Param), 0)
+    params = nnx.state(build_model(config, nnx.Rngs(config.train.seed)), nnx.Param)
+    return new_state(*(lora.split(params) if with_lora else (params, None)), 0)
+
+  def state_from_params(params, step):
+    if not with_lora:
+      return new_state(params, None, step)
+    # LoRA on these params: the model's fresh adapters (XLA drops the unused base init).
+    adapters = lora.split(nnx.state(build_model(config, nnx.Rngs(config.train.seed)),
+                                    nnx.Param))[0]
+    return new_state(adapters, params, step)
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
   abstract = jax.eval_shape(create_state)
@@ -148,8 +161,9 @@ def setup(config, devices=None) -> Setup:
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                        donate_argnums=0)
   eval_step = jax.jit(in_mesh(make_eval_step(graphdef)),
-                      in_shardings=(shardings.params, batch_sh), out_shardings=rep)
-  from_params = jax.jit(in_mesh(state_from_params), in_shardings=(shardings.params, None),
+                      in_shardings=(shardings.model_params(), batch_sh), out_shardings=rep)
+  from_params = jax.jit(in_mesh(state_from_params),
+                        in_shardings=(shardings.frozen if with_lora else shardings.params, None),
                         out_shardings=shardings, donate_argnums=0)
   return Setup(config, mesh, graphdef, abstract, shardings,
                jax.jit(in_mesh(create_state), out_shardings=shardings), from_params, train_step,
@@ -229,7 +243,8 @@ def train(config, workdir: str, *, stop_after: int | None = None,
   train_ds, eval_set, baseline = load_data(config, tokenizer)
   s = setup(config)
   existing = len(ckpt_lib.Checkpointer.steps(workdir))
-  guards.check_workdir(workdir, guards.state_bytes(s.abstract_state), t.keep_checkpoints, existing)
+  guards.check_workdir(workdir, guards.state_bytes(s.abstract_state.replace(frozen=None)),
+                       t.keep_checkpoints, existing)   # what a checkpoint holds
   wd_files.write_config(workdir, config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   data_iter = iter(train_ds)
@@ -238,17 +253,24 @@ def train(config, workdir: str, *, stop_after: int | None = None,
   if changes is not None and checkpointer.latest_step() is not None:
     state = checkpointer.restore(s.abstract_state, data_iter)
     nonfinite.in_a_row = checkpointer.restored_meta.get('nonfinite_in_a_row', 0)
-    if state.is_params_only:  # parameters only (an import): fine-tune from them
+    if state.is_params_only:  # parameters only (an import), or LoRA starts on these params
       state, fresh_optimizer = s.state_from_params(state.params, checkpointer.restored_step), True
   else:
     state = s.init_state()
+    if state.has_frozen:   # LoRA from scratch: the random base, written once
+      checkpointer.save_base(0, state.frozen)
   start = int(state.step)
   if jax.process_index() == 0:
     runinfo.record_launch(workdir, config, tokenizer, s.mesh, start)
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   logger = MetricsLogger(workdir, t.steps, start, enabled=jax.process_index() == 0,
                          wandb_project=t.wandb_project, run_config=config.to_dict())
-  if fresh_optimizer:
+  if fresh_optimizer and checkpointer.lora_base is not None:
+    m = config.model
+    logger.print(f'LoRA: training rank-{m.lora_rank} adapters on {m.lora_targets} over the '
+                 f'parameters of {workdir} at step {start}, which stay frozen (never rewritten); '
+                 'the adapters start with a fresh optimizer state.')
+  elif fresh_optimizer:
     logger.print(f'Fine-tuning the parameters of {workdir} (step {start}) with a fresh optimizer '
                  'state: the checkpoint holds parameters only.')
   elif start:
@@ -256,7 +278,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
                  + (f' with changes: {"; ".join(changes)}.' if changes else '.'))
   tokens_per_step = t.batch_size * config.data.seq_len
   # MFU = model FLOPs per token x tokens/s over the mesh's peak (training/flops.py).
-  flops_per_token = flops.flops_per_token(config, s.abstract_state.params)
+  flops_per_token = flops.flops_per_token(config, s.abstract_state.model_params())
   peak, _ = flops.peak_flops(list(s.mesh.devices.flat), config.model.dtype)
   last_time, last_step, metrics, evals = time.time(), start, None, {}
   with preemption.StopSignal() as stop, contextlib.closing(checkpointer), \
@@ -278,7 +300,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
         logger.write(step, line)
         last_time, last_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
-        evals = eval_metrics(s, state.params, eval_set, tokenizer, extra_evals)
+        evals = eval_metrics(s, state.model_params(), eval_set, tokenizer, extra_evals)
         logger.write(step, evals)
         last_time = time.time()  # evaluation time is not training throughput
       stopping = stop.agree()
@@ -297,7 +319,7 @@ def train(config, workdir: str, *, stop_after: int | None = None,
             'eval_loss': None, 'unigram_entropy': baseline, **evals, 'stopped': stop.name or None}
   if int(state.step) == t.steps and jax.process_index() == 0:
     if not evals:
-      result.update(eval_metrics(s, state.params, eval_set, tokenizer, extra_evals))
+      result.update(eval_metrics(s, state.model_params(), eval_set, tokenizer, extra_evals))
     eval_loss = result['eval_loss']
     unit = 'nats/byte' if tokenizer.name == 'byte' else 'nats/token'
     print(f'Held-out loss {eval_loss:.4f} {unit}; unigram baseline of the same split '

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
 
 TRAIN_FIELDS = ('step', 'opt_state', 'rng')   # the `train` checkpoint item; `params` is its own
 
@@ -26,11 +26,25 @@ class TrainState:
   opt_state: the optax state of `params` (e.g. Adam's two parameter-shaped moments and a count).
   rng:       [2] uint32, raw key data of the run's base key (orbax stores plain arrays); each
              step folds in `step` for its own randomness.
+  frozen:    None, or with LoRA (models/lora.py) the base model's Params, which do not train:
+             `params` then holds the adapters alone. The step takes it as an input and passes
+             it through untouched (donated and aliased, never copied or written); it is not
+             checkpointed with the state (its own params-only step, training/checkpoint.py).
   """
   step: jax.Array | None
   params: Any
   opt_state: Any
   rng: jax.Array | None
+  frozen: Any = None
+
+  @property
+  def has_frozen(self) -> bool:
+    """True when only part of the model trains (LoRA): `frozen` holds the rest."""
+    return bool(jax.tree.leaves(self.frozen))
+
+  def model_params(self):
+    """All of the model's Params (concrete or abstract): `params`, with `frozen` merged in."""
+    return nnx.merge_state(self.frozen, self.params) if self.has_frozen else self.params
 
   @property
   def is_params_only(self) -> bool:

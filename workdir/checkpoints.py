@@ -124,7 +124,7 @@ def _in_flight_gb(params) -> float:
   return (largest + (1 << 20)) / 1e9
 
 
-def _restore_params(path: str, abstract_params, name: str = PARAMS):
+def restore_item(path: str, abstract_params, name: str = PARAMS):
   """The `name` item of step directory `path`, into the shapes/shardings of the abstract
   nnx.State `abstract_params`."""
   item = os.path.join(path, name)
@@ -167,12 +167,12 @@ def restore_params(workdir: str, abstract_params, step: int | None = None) -> tu
     if problem is None:
       try:
         if base_of is not None:   # adapters over their base step's parameters
-          params = nnx.merge_state(_restore_params(step_dir(workdir, base_of), base),
-                                   _restore_params(path, adapters, LORA))
+          params = nnx.merge_state(restore_item(step_dir(workdir, base_of), base),
+                                   restore_item(path, adapters, LORA))
         elif jax.tree.leaves(adapters):   # LoRA on, none trained yet: zero adapters = the base
-          params = nnx.merge_state(_restore_params(path, base), _zeros(adapters))
+          params = nnx.merge_state(restore_item(path, base), _zeros(adapters))
         else:
-          params = _restore_params(path, abstract_params)
+          params = restore_item(path, abstract_params)
       except WorkdirError:  # the config does not describe this model: not damage
         raise
       except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
