@@ -153,6 +153,8 @@ def setup(config, devices=None) -> Setup:
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
   abstract = jax.eval_shape(create_state)
   shardings = wd_mesh.state_shardings(abstract, mesh, rules)
+  if not with_lora:   # state_shardings replicates a None leaf; `frozen` stays None
+    shardings = shardings.replace(frozen=None)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   batch_sh, rep = mesh_lib.batch_sharding(mesh), wd_mesh.replicated(mesh)
