@@ -178,7 +178,7 @@ def run(config, *, devices=None, device_memory_gb: float | None = None,
   devices = jax.devices() if devices is None else devices
   s = loop.setup(config, devices)
   compiled = s.train_step.lower(s.abstract_state, abstract_batch(config, s.mesh)).compile()
-  infos = param_infos(s.abstract_state.params)
+  infos = param_infos(s.abstract_state.model_params())   # LoRA: base and adapters
   components: dict[str, int] = {}
   for path, info in infos:
     components[component_of(path)] = components.get(component_of(path), 0) + math.prod(info.shape)
