@@ -123,7 +123,17 @@ def test_stop_policy_stops_after_n_in_a_row_and_keeps_last_good(tiny_config, tmp
 
 # ---------------------------------------------------------------------------- signals
 
-def test_stop_signal_flag_then_default(monkeypatch):
+def test_stop_signal_flag_then_default():
+  # Python's own Ctrl-C handler beforehand: libraries imported by earlier tests in this process
+  # (seen in the full suite) may leave a SIGINT handler of theirs that swallows the signal.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _stop_signal_flag_then_previous_handler()
+  finally:
+    signal.signal(signal.SIGINT, outer)
+
+
+def _stop_signal_flag_then_previous_handler():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopSignal() as stop:
     os.kill(os.getpid(), signal.SIGINT)
