@@ -2,8 +2,8 @@
 
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/decode.py
 
-Models: configs/default.py:small (4 layers, d_model 256, 8 heads / 2 KV heads, 3M parameters)
-and :medium (8 layers, d_model 512, 25M parameters), random init, greedy. Prints:
+Models: configs/default.py:small (2 layers, d_model 256, 8 heads / 2 KV heads) and :medium
+(8 layers, d_model 512, 8 / 2 heads), random init, greedy. Prints:
   per-token decode time at context 128 vs 1024 and the ratio, for each model (target <= 1.3x)
   cached sampler vs full recompute (sampling/reference.py) per token at context 1024, on the
   first model (target >= 5x)
