@@ -21,6 +21,7 @@ from configs import schema
 from interop import hf_config, hf_params, hf_tokenizer
 from interop.hf_config import InteropError
 from models import lora
+from models.config import ModelConfig
 from text.tokenizer import make_tokenizer
 from workdir import checkpoints, files, runinfo
 from workdir.load import load_workdir
@@ -127,7 +128,7 @@ def export_hf(workdir: str, out: str, *, dtype: str | None = None, max_shard_siz
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise InteropError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
   loaded = load_workdir(workdir)
-  params = lora.merge(loaded.params, lora.scale_of(config.model)) if rank else loaded.params
+  params = lora.merge(loaded.params, lora.scale_of(ModelConfig.from_config(config.model))) if rank else loaded.params
   specs = hf_params.tensor_specs(params)
   flat = {hf_params.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   by_name = {s.hf: s for s in specs}

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from configs import schema
 from configs.base import base_config
+from models.config import ModelConfig
 from models.decoder import layer_window
 
 
@@ -78,7 +79,8 @@ def _window_fields(hf: dict, window: int | None, types: list | None) -> dict:
 
 
 def _layer_types(m) -> list[str]:
-  return ['full_attention' if layer_window(m, i) is None else 'sliding_attention'
+  typed = ModelConfig.from_config(m)
+  return ['full_attention' if layer_window(typed, i) is None else 'sliding_attention'
           for i in range(m.num_layers)]
 
 

@@ -5,6 +5,7 @@ import ml_collections
 from flax import nnx
 
 from models import lora
+from models.config import ModelConfig
 from models.decoder import DecoderLM
 from models.encoder_decoder import EncoderDecoder
 
@@ -18,7 +19,8 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
   kind = config.model.kind
   if kind not in MODELS:
     raise ValueError(f'model.kind={kind!r} is not available; choose one of {", ".join(MODELS)}.')
-  model = MODELS[kind](config.model, rngs)
-  if lora.targets_of(config.model):
+  cfg = ModelConfig.from_config(config.model)
+  model = MODELS[kind](cfg, rngs)
+  if lora.targets_of(cfg):
     lora.init_adapters(model, rngs.lora())
   return model

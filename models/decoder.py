@@ -8,15 +8,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import kv_cache, positional, scan
+from models.config import ModelConfig
 from models.layers import (Block, Embed, Projection, dropout, dtype_of, fold_key, make_norm,
                            soft_cap)
 from models.sharding import RESIDUAL, constrain
 
 
-def layer_window(cfg, layer: int) -> int | None:
+def layer_window(cfg: ModelConfig, layer: int) -> int | None:
   """The sliding-window size of `layer` (None: full attention): `cfg.sliding_window` where
   `cfg.window_pattern` (cycled over layers) has 'L', every layer when the pattern is ''."""
-  pattern = cfg.get('window_pattern') or ''
+  pattern = cfg.window_pattern
   if pattern and pattern[layer % len(pattern)] == 'G':
     return None
   return cfg.sliding_window
@@ -29,11 +30,11 @@ class DecoderLM(nnx.Module):
   models/encoder_decoder.py); `num_layers` overrides `cfg.num_layers`.
   """
 
-  def __init__(self, cfg, rngs: nnx.Rngs, *, num_layers: int | None = None,
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, num_layers: int | None = None,
                cross_attention: bool = False):
     self.d_model, self.positional = cfg.d_model, cfg.positional
     self.scale_embeddings = cfg.scale_embeddings
-    self.dropout = cfg.get('dropout') or 0.0
+    self.dropout = cfg.dropout
     self.uses_rng = self.dropout > 0   # training/loop.py passes a per-step key then
     emb = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
@@ -49,7 +50,7 @@ class DecoderLM(nnx.Module):
     # Scanned: one Block with parameters stacked [L, ...] (same init as unrolled; models/scan.py).
     self.layers = scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = make_norm(cfg) if cfg.norm_position != 'post' else None
-    self.final_softcap = cfg.get('final_logit_softcap')
+    self.final_softcap = cfg.final_logit_softcap
     self.lm_head = (None if cfg.tie_embeddings else
                     Projection((cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
                                use_bias=False, std=cfg.init_std, dtype=cfg.dtype,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.config import ModelConfig
 from models.decoder import DecoderLM
 from models.layers import Block, dropout, fold_key, make_norm
 
@@ -18,7 +19,7 @@ from models.layers import Block, dropout, fold_key, make_norm
 class EncoderDecoder(nnx.Module):
   """(sources [B, S], targets [B, T]) -> logits [B, T, V] (fp32)."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.pad_id = cfg.pad_id
     self.decoder = DecoderLM(cfg, rngs, num_layers=cfg.num_decoder_layers, cross_attention=True)
     self.encoder_layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_encoder_layers)])

@@ -15,6 +15,7 @@ from flax import nnx
 
 from models import kv_cache, lora, positional
 from models.attention import dot_product_attention
+from models.config import ModelConfig
 
 
 def dtype_of(name: str):
@@ -61,7 +62,7 @@ class Projection(nnx.Module):
     return y
 
 
-def projection(cfg, name: str, in_shape: Sequence[int], out_shape: Sequence[int],
+def projection(cfg: ModelConfig, name: str, in_shape: Sequence[int], out_shape: Sequence[int],
                axes: Sequence[str | None], **kw) -> Projection:
   """A block's projection called `name` (q, k, v, o, gate, up, down), with a LoRA adapter when
   cfg.lora_targets names it (models/lora.py)."""
@@ -96,9 +97,9 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def make_norm(cfg) -> Norm:
+def make_norm(cfg: ModelConfig) -> Norm:
   return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.param_dtype,
-              plus_one=bool(cfg.get('norm_scale_plus_one')))
+              plus_one=cfg.norm_scale_plus_one)
 
 
 def soft_cap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
@@ -114,7 +115,7 @@ GATED = ('swiglu', 'geglu')
 class Mlp(nnx.Module):
   """Feed-forward block: act(x W_gate) * (x W_up) -> W_down when gated, else act(x W_up) W_down."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     kw = dict(use_bias=cfg.mlp_bias, std=cfg.init_std, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, rngs=rngs)
     self.act = ACTIVATIONS[cfg.mlp_activation]
@@ -150,10 +151,6 @@ class Embed(nnx.Module):
                       preferred_element_type=jnp.float32)
 
 
-def head_dim_of(cfg) -> int:
-  return cfg.head_dim or cfg.d_model // cfg.num_heads
-
-
 class Attention(nnx.Module):
   """Multi-head attention with grouped K/V heads (MHA: K = N, GQA: 1 < K < N, MQA: K = 1).
 
@@ -161,29 +158,29 @@ class Attention(nnx.Module):
   attention over `context` [B, S, D] (no rotary positions).
   """
 
-  def __init__(self, cfg, rngs: nnx.Rngs, *, rope: bool, sliding_window: int | None = None):
-    h = head_dim_of(cfg)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, rope: bool,
+               sliding_window: int | None = None):
+    h = cfg.head_dim
     kw = dict(use_bias=cfg.attention_bias, std=cfg.init_std, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
     self.rope, self.rope_theta = rope, cfg.rope_theta
-    self.rope_scaling = positional.RopeScaling.from_config(cfg.get('rope_scaling'))
+    self.rope_scaling = cfg.rope_scaling
     self.sliding_window = sliding_window
-    scalar = cfg.get('query_pre_attn_scalar')
+    scalar = cfg.query_pre_attn_scalar
     self.scale = 1.0 / math.sqrt(h if scalar is None else scalar)
-    self.softcap = cfg.get('attn_logit_softcap')
+    self.softcap = cfg.attn_logit_softcap
     self.implementation = None if cfg.attention == 'auto' else cfg.attention
-    self.block_q, self.block_kv = cfg.get('attention_block_q'), cfg.get('attention_block_kv')
+    self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
     self.q = projection(cfg, 'q', (cfg.d_model,), (cfg.num_heads, h),
                         ('embed', 'heads', 'head_dim'), **kw)
     self.k = projection(cfg, 'k', (cfg.d_model,), (cfg.num_kv_heads, h),
                         ('embed', 'kv_heads', 'head_dim'), **kw)
     self.v = projection(cfg, 'v', (cfg.d_model,), (cfg.num_kv_heads, h),
                         ('embed', 'kv_heads', 'head_dim'), **kw)
-    out_bias = cfg.get('attention_out_bias')
     self.o = projection(cfg, 'o', (cfg.num_heads, h), (cfg.d_model,),
                         ('heads', 'head_dim', 'embed'),
-                        **dict(kw, use_bias=cfg.attention_bias if out_bias is None else out_bias))
+                        **dict(kw, use_bias=cfg.attention_out_bias))
 
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray | None, *, segment_ids=None,
                context: jnp.ndarray | None = None, context_mask: jnp.ndarray | None = None,
@@ -275,7 +272,7 @@ class Block(nnx.Module):
   x + f(norm(x)); 'post' (Vaswani): norm(x + f(x)); 'sandwich' (Gemma 2): x + norm'(f(norm(x)))
   with a second norm (`post_attn_norm`, `post_cross_norm`, `post_mlp_norm`) per sublayer."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs, *, sliding_window: int | None = None,
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, sliding_window: int | None = None,
                cross_attention: bool = False):
     self.pre_norm = cfg.norm_position != 'post'
     sandwich = cfg.norm_position == 'sandwich'
@@ -289,7 +286,7 @@ class Block(nnx.Module):
     self.mlp_norm = make_norm(cfg)
     self.post_mlp_norm = post()
     self.mlp = Mlp(cfg, rngs)
-    self.dropout = cfg.get('dropout') or 0.0
+    self.dropout = cfg.dropout
 
   def _residual(self, x, norm, fn, rng=None, post_norm=None):
     out = lambda h: post_norm(fn(h)) if post_norm is not None else fn(h)

@@ -21,15 +21,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.config import ModelConfig
 
-def targets_of(cfg) -> tuple[str, ...]:
+
+def targets_of(cfg: ModelConfig) -> tuple[str, ...]:
   """The projection names `cfg.lora_targets` ('q,k,v') lists; () when LoRA is off."""
-  if not (cfg.get('lora_rank') or 0):
+  if not cfg.lora_rank:
     return ()
   return tuple(t.strip() for t in cfg.lora_targets.split(',') if t.strip())
 
 
-def adapter_for(cfg, name: str, in_shape: Sequence[int], out_shape: Sequence[int],
+def adapter_for(cfg: ModelConfig, name: str, in_shape: Sequence[int], out_shape: Sequence[int],
                 axes: Sequence[str | None]) -> 'Adapter | None':
   """The adapter of projection `name` ([*in_shape] -> [*out_shape], logical `axes` of its
   kernel) when cfg's LoRA targets it, else None."""
@@ -115,7 +117,7 @@ def merge(params: nnx.State, scale: float) -> nnx.State:
   return nnx.from_flat_state(out)
 
 
-def scale_of(cfg) -> float:
+def scale_of(cfg: ModelConfig) -> float:
   """alpha / r of a model config with LoRA on."""
   return cfg.lora_alpha / cfg.lora_rank
 

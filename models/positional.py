@@ -29,11 +29,11 @@ class RopeScaling:
 
   @classmethod
   def from_config(cls, c) -> 'RopeScaling':
-    """From the `model.rope_scaling` ConfigDict (None: no scaling)."""
+    """From `model.rope_scaling` (a ConfigDict or dict; None: no scaling)."""
     if c is None:
       return cls()
-    return cls(c.kind, float(c.factor), float(c.low_freq_factor), float(c.high_freq_factor),
-               int(c.original_max_len))
+    return cls(c['kind'], float(c['factor']), float(c['low_freq_factor']),
+               float(c['high_freq_factor']), int(c['original_max_len']))
 
 
 def scale_inv_frequencies(inv_freq: jnp.ndarray, scaling: RopeScaling) -> jnp.ndarray:

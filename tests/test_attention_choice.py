@@ -191,13 +191,15 @@ def test_model_logits_and_grads_equal_across_implementations(tiny_config, overri
 
 def test_window_pattern_cycles_over_layers(tiny_config):
   from configs import schema
+  from models.config import ModelConfig
   from models.decoder import layer_window
   cfg = tiny_config({'model.sliding_window': 7, 'model.window_pattern': 'LLG',
                      'model.num_layers': 5})
   schema.validate(cfg)
-  assert [layer_window(cfg.model, i) for i in range(5)] == [7, 7, None, 7, 7]
+  typed = ModelConfig.from_config(cfg.model)
+  assert [layer_window(typed, i) for i in range(5)] == [7, 7, None, 7, 7]
   cfg = tiny_config({'model.sliding_window': 7})
-  assert [layer_window(cfg.model, i) for i in range(2)] == [7, 7]
+  assert [layer_window(ModelConfig.from_config(cfg.model), i) for i in range(2)] == [7, 7]
   for bad, match in (({'model.sliding_window': 7, 'model.window_pattern': 'LX'},
                       'model.window_pattern'),
                      ({'model.window_pattern': 'LG'}, 'model.sliding_window is None')):

@@ -76,3 +76,29 @@ def test_cli_override_and_error_before_compile(tmp_path):
       'error: model.num_heads=4 must be divisible by model.num_kv_heads=3 '
       '(allowed num_kv_heads: 1, 2, 4).')
   assert not workdir.exists()
+
+
+def test_typed_model_config_mirrors_the_schema(tiny_config):
+  """models/config.py's ModelConfig has exactly base.py's model fields (no defaults of its own),
+  resolves the None-means-derived fields, and names what a mismatched mapping lacks or adds."""
+  import dataclasses
+
+  from configs.base import base_config
+  from models.config import ModelConfig
+  from models.positional import RopeScaling
+  assert {f.name for f in dataclasses.fields(ModelConfig)} == set(base_config().model.keys())
+  assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ModelConfig))
+  cfg = tiny_config({'model.attention_bias': True})
+  typed = ModelConfig.from_config(cfg.model)
+  assert typed.head_dim == cfg.model.d_model // cfg.model.num_heads
+  assert typed.attention_out_bias is True and typed.rope_scaling == RopeScaling()
+  assert ModelConfig.from_config(typed) is typed
+  assert hash(typed) == hash(ModelConfig.from_config(cfg.model))
+  explicit = ModelConfig.from_config(tiny_config({'model.head_dim': 8, 'model.attention_bias': True,
+                                                  'model.attention_out_bias': False}).model)
+  assert (explicit.head_dim, explicit.attention_out_bias) == (8, False)
+  values = cfg.model.to_dict()
+  del values['d_model']
+  values['colour'] = 'red'
+  with pytest.raises(ValueError, match=r'missing model\.d_model; unknown model\.colour'):
+    ModelConfig.from_config(values)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from configs import encdec, schema
 from models import build_model, layers
+from models.config import ModelConfig
 from sampling import encdec as encdec_sampling
 from training import data as data_lib
 from training import loop
@@ -33,7 +34,7 @@ def random_tokens(key, shape, vocab=256):
 
 @pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
 def test_cross_attention_equals_einsum_softmax_reference(num_kv_heads):
-  cfg = config(overrides={'model.num_kv_heads': num_kv_heads}).model
+  cfg = ModelConfig.from_config(config(overrides={'model.num_kv_heads': num_kv_heads}).model)
   attn = layers.Attention(cfg, nnx.Rngs(0), rope=True)   # rope never applies to cross attention
   b, t, s, d = 2, 5, 7, cfg.d_model
   x = np.asarray(jax.random.normal(jax.random.key(1), (b, t, d)))

@@ -17,6 +17,7 @@ from configs import schema  # noqa: E402
 from interop import hf_config  # noqa: E402
 from interop.hf_config import InteropError  # noqa: E402
 from models import layers, positional  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
 
 
 @pytest.mark.parametrize('rope', [
@@ -66,7 +67,8 @@ def test_legacy_rope_keys_and_defaults():
 def test_attention_out_bias_follows_attention_bias_unless_set(tiny_config):
   shapes = {}
   for qkv, out in ((False, None), (True, None), (True, False)):
-    cfg = tiny_config({'model.attention_bias': qkv, 'model.attention_out_bias': out}).model
+    cfg = ModelConfig.from_config(
+        tiny_config({'model.attention_bias': qkv, 'model.attention_out_bias': out}).model)
     attn = nnx.eval_shape(lambda c=cfg: layers.Attention(c, nnx.Rngs(0), rope=True))
     shapes[qkv, out] = (attn.q.bias is not None, attn.o.bias is not None)
   assert shapes == {(False, None): (False, False), (True, None): (True, True),

@@ -22,6 +22,7 @@ from flax import nnx  # noqa: E402
 
 from configs import default, encdec, schema  # noqa: E402
 from models import build_model, lora  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
 from training import loop  # noqa: E402
 from workdir import checkpoints, integrity  # noqa: E402
 from workdir.load import load_workdir  # noqa: E402
@@ -79,7 +80,7 @@ def test_merge_equals_the_adapted_model():
   key = iter(jax.random.split(jax.random.key(1), 100))
   params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(key), x.shape), params)
   plain = nnx.graphdef(build_model(_tiny(), nnx.Rngs(0)))
-  merged = lora.merge(params, lora.scale_of(cfg.model))
+  merged = lora.merge(params, lora.scale_of(ModelConfig.from_config(cfg.model)))
   assert not lora.split(merged)[0]
   np.testing.assert_allclose(np.asarray(nnx.merge(plain, merged)(jnp.asarray(TOKENS))),
                              np.asarray(nnx.merge(graphdef, params)(jnp.asarray(TOKENS))),

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from models import build_model, layers, positional
+from models.config import ModelConfig
 
 
 def test_rope_equals_rotation_matrix_formula():
@@ -54,8 +55,8 @@ def test_sinusoidal_equals_paper_formula():
 @pytest.mark.parametrize('num_kv_heads', [1, 2])
 def test_gqa_equals_mha_with_repeated_kv_weights(tiny_config, num_kv_heads):
   """GQA/MQA == MHA whose K/V projections repeat each KV head for its group of query heads."""
-  gqa_cfg = tiny_config({'model.num_kv_heads': num_kv_heads}).model
-  mha_cfg = tiny_config({'model.num_kv_heads': gqa_cfg.num_heads}).model
+  gqa_cfg = ModelConfig.from_config(tiny_config({'model.num_kv_heads': num_kv_heads}).model)
+  mha_cfg = ModelConfig.from_config(tiny_config({'model.num_kv_heads': gqa_cfg.num_heads}).model)
   gqa = layers.Attention(gqa_cfg, nnx.Rngs(0), rope=True)
   mha = layers.Attention(mha_cfg, nnx.Rngs(1), rope=True)
   group = gqa_cfg.num_heads // num_kv_heads

@@ -23,6 +23,7 @@ from flax import nnx
 
 from configs import schema
 from models import build_model, lora
+from models.config import ModelConfig
 from text.tokenizer import make_tokenizer
 from training import checkpoint as ckpt_lib
 from training import data as data_lib
@@ -131,7 +132,7 @@ def setup(config, devices=None) -> Setup:
   in_mesh = functools.partial(wd_mesh.under_rules, mesh=mesh, rules=rules)
   tx = optim.make_optimizer(config.train)
 
-  with_lora = bool(lora.targets_of(config.model))
+  with_lora = bool(lora.targets_of(ModelConfig.from_config(config.model)))
 
   def new_state(params, frozen, step):
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
