@@ -4,7 +4,7 @@ Uses the cached sampler (sampling/sampler.py); one sample is printed as it is ge
 """
 from workdir import hostenv
 
-hostenv.ensure_fast_malloc()
+hostenv.ensure_fast_malloc(hostenv.SAMPLING_XLA_CPU_FLAGS)
 
 import numpy as np
 from absl import app, flags, logging

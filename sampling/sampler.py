@@ -102,7 +102,6 @@ def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: ja
 def decode_chunk(graphdef, params, state: SamplingState, *,
                  chunk: int) -> tuple[SamplingState, jax.Array]:
   """Up to `chunk` decode steps: (state, tokens [B, chunk], -1 where nothing was made)."""
-  model = nnx.merge(graphdef, params)
   b = state.token.shape[0]
 
   def cond(carry):
@@ -111,6 +110,11 @@ def decode_chunk(graphdef, params, state: SamplingState, *,
 
   def body(carry):
     i, state, out = carry
+    # XLA:CPU computes bf16 dots in f32 from an f32 copy of each weight. Tied to the step
+    # counter, the parameters are not loop-invariant, so those converts stay in the loop body
+    # instead of being hoisted before it: a full f32 copy of a bf16 model held for the call.
+    p, i = jax.lax.optimization_barrier((params, i))
+    model = nnx.merge(graphdef, p)
     logits, cache = model(state.token[:, None], state.position[:, None], cache=state.cache,
                           cache_index=state.index)
     state = state.replace(cache=cache, index=state.index + 1, position=state.position + 1,

@@ -4,6 +4,8 @@ Independent references: the model's own uncached forward pass over the whole seq
 every decode step), sampling/reference.py (full recompute per token), numpy top-k / top-p
 filtering and a chi-square test of sampled frequencies.
 """
+import json
+import os
 import re
 
 import jax
@@ -20,6 +22,8 @@ from sampling.reference import generate_reference
 from sampling.rules import sample_tokens
 from sampling.sampler import Sampler, stream_text
 from text.tokenizer import ByteTokenizer
+from tests.conftest import run_cli
+from workdir import hostenv
 from tests.test_sampling_rules import numpy_filter
 
 ATOL = 1e-4
@@ -389,3 +393,43 @@ def test_gpu_decode_kernel_matches_attend_in_interpret_mode():
   want = kv_cache.attend(q, (lengths + 2)[:, None], cache, filled=jnp.int32(p + 3))
   got = kv_cache.decode_kernel(q, cache, jnp.int32(p + 3), scale=h ** -0.5, interpret=True)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+_BF16_TEMPS = '''
+import json, math
+import jax, jax.numpy as jnp
+from flax import nnx
+from configs import default, schema
+from models import build_model
+from sampling import sampler as S
+cfg = schema.apply_overrides(default.get_config('tiny'), {
+    'model.param_dtype': 'bfloat16', 'model.dtype': 'bfloat16', 'model.num_layers': 8,
+    'model.d_model': 128, 'model.mlp_dim': 512})
+graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+controls = S.SamplingControls(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+args = (graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), jnp.array([8]),
+        jnp.array([-1]), controls, jax.random.key(0))
+pre = S.prefill.lower(*args, cache_len=128).compile()
+state, _ = S.prefill(*args, cache_len=128)
+dec = S.decode_chunk.lower(graphdef, params, state, chunk=8).compile()
+sizes = [math.prod(x.shape) * 4 for x in jax.tree.leaves(params)]
+print(json.dumps({'prefill': pre.memory_analysis().temp_size_in_bytes,
+                  'decode': dec.memory_analysis().temp_size_in_bytes,
+                  'f32_params': sum(sizes), 'f32_largest': max(sizes)}))
+'''
+
+
+def test_bf16_sampling_never_holds_an_f32_copy_of_all_weights():
+  """XLA:CPU computes bf16 dots from f32 copies of the weights. With sample.py's XLA flags
+  (workdir/hostenv.py) prefill converts each weight just before its dot, and decode_chunk keeps
+  the converts inside its loop: their temporaries stay near the largest weight's f32 size. With
+  jax's default scheduler (or the converts hoisted out of the loop) they hold all of the f32
+  copies at once, the f32 size of the whole model (8 MB here)."""
+  env = dict(os.environ, XLA_FLAGS=' '.join(hostenv.SAMPLING_XLA_CPU_FLAGS),
+             JAX_ENABLE_COMPILATION_CACHE='false', JAX_PLATFORMS='cpu')
+  r = run_cli('-c', _BF16_TEMPS, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  t = json.loads(r.stdout.strip().splitlines()[-1])
+  assert t['f32_params'] > 20 * t['f32_largest']   # the bound below tells the two apart
+  assert t['prefill'] < 2 * t['f32_largest'], t
+  assert t['decode'] < 2 * t['f32_largest'], t

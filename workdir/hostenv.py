@@ -11,6 +11,12 @@ step ran 1.28x slower that way than with XLA's own fusion emitters (the YNNPACK 
 measured single-threaded in interleaved pairs on a loaded 2-core machine
 (benchmarks/train_vs_torch.py). The flags change which kernels run, not what is computed
 (tests/test_hostenv.py checks loss and gradients both ways).
+
+Sampling adds `SAMPLING_XLA_CPU_FLAGS`: XLA:CPU computes bf16 dots in f32 from an f32 copy of each
+weight, and its default concurrency-optimised scheduler starts all those converts first, so a bf16
+model's prefill held an f32 copy of every weight at once (478 MiB of temporaries for a 150M Llama);
+the memory-minimising scheduler converts each weight just before its dot (96 MiB, the largest
+weight). jax 0.10 ignores this option in `jax.jit(compiler_options=...)`, hence the flag.
 """
 from __future__ import annotations
 
@@ -20,23 +26,25 @@ import sys
 
 TUNABLE = 'glibc.malloc.hugetlb=1'
 XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+SAMPLING_XLA_CPU_FLAGS = (*XLA_CPU_FLAGS, '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 
 
-def configure_xla_cpu() -> None:
-  """Adds `XLA_CPU_FLAGS` to XLA_FLAGS (those the user has not set). Effective only before JAX
+def configure_xla_cpu(flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
+  """Adds `flags` to XLA_FLAGS (those the user has not set). Effective only before JAX
   initialises its backends; the flags only concern the CPU backend."""
   current = os.environ.get('XLA_FLAGS', '')
-  missing = [f for f in XLA_CPU_FLAGS if f.split('=')[0] not in current]
+  missing = [f for f in flags if f.split('=')[0] not in current]
   if missing:
     os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
 
 
-def ensure_fast_malloc() -> None:
+def ensure_fast_malloc(xla_cpu_flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
   """Re-executes this process with the tunable set (Linux/glibc only; a no-op elsewhere).
 
-  Set LMX_NO_REEXEC=1 to opt out. Also applies `configure_xla_cpu` (inherited by the re-exec).
+  Set LMX_NO_REEXEC=1 to opt out. Also applies `configure_xla_cpu(xla_cpu_flags)` (inherited by
+  the re-exec).
   """
-  configure_xla_cpu()
+  configure_xla_cpu(xla_cpu_flags)
   current = os.environ.get('GLIBC_TUNABLES', '')
   if (sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc' or 'hugetlb' in current
       or os.environ.get('LMX_NO_REEXEC')):
