@@ -59,8 +59,11 @@ def main():
   parser.add_argument('--keep', default=None, help='Keep the files in this folder.')
   args = parser.parse_args()
   tmp = args.keep or tempfile.mkdtemp(prefix='import_memory_')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TRANSFORMERS_VERBOSITY='error',
-             GLIBC_TUNABLES='glibc.malloc.hugetlb=1', LMX_NO_REEXEC='1')
+  # hugetlb as the CLIs' re-exec sets it (workdir/hostenv.py); sample.py re-executes itself
+  # once more to add its own tunables.
+  env = {k: v for k, v in os.environ.items() if k not in ('LMX_NO_REEXEC', 'XLA_FLAGS')}
+  env.update(JAX_PLATFORMS='cpu', TRANSFORMERS_VERBOSITY='error',
+             GLIBC_TUNABLES='glibc.malloc.hugetlb=1')
   try:
     hf_dir = os.path.join(tmp, 'hf')
     n = make_llama(hf_dir, args.layers, args.d_model, args.vocab)

@@ -20,11 +20,16 @@ weight). jax 0.10 ignores this option in `jax.jit(compiler_options=...)`, hence 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
 
-TUNABLE = 'glibc.malloc.hugetlb=1'
+TUNABLES = ('glibc.malloc.hugetlb=1',)
+# Sampling: allocations of 1 MiB or more (restored parameters, XLA's buffers) are mmapped and
+# unmapped when freed; glibc's default threshold grows to 32 MiB as blocks are freed, leaving
+# freed parameter-sized blocks in the heap.
+SAMPLING_TUNABLES = (*TUNABLES, 'glibc.malloc.mmap_threshold=1048576')
 XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
 SAMPLING_XLA_CPU_FLAGS = (*XLA_CPU_FLAGS, '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 
@@ -38,18 +43,27 @@ def configure_xla_cpu(flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
     os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
 
 
-def ensure_fast_malloc(xla_cpu_flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
-  """Re-executes this process with the tunable set (Linux/glibc only; a no-op elsewhere).
+def ensure_fast_malloc(sampling: bool = False) -> None:
+  """Re-executes this process with `TUNABLES` set (Linux/glibc only; a no-op elsewhere).
 
-  Set LMX_NO_REEXEC=1 to opt out. Also applies `configure_xla_cpu(xla_cpu_flags)` (inherited by
-  the re-exec).
+  sampling: `SAMPLING_TUNABLES` and `SAMPLING_XLA_CPU_FLAGS` instead (sample.py). Set
+  LMX_NO_REEXEC=1 to opt out. Also applies `configure_xla_cpu` (inherited by the re-exec).
   """
-  configure_xla_cpu(xla_cpu_flags)
+  configure_xla_cpu(SAMPLING_XLA_CPU_FLAGS if sampling else XLA_CPU_FLAGS)
   current = os.environ.get('GLIBC_TUNABLES', '')
-  if (sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc' or 'hugetlb' in current
+  missing = [t for t in (SAMPLING_TUNABLES if sampling else TUNABLES)
+             if t.split('=')[0] not in current]
+  if (sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc' or not missing
       or os.environ.get('LMX_NO_REEXEC')):
     return
-  env = dict(os.environ, GLIBC_TUNABLES=':'.join(t for t in (current, TUNABLE) if t))
+  env = dict(os.environ, GLIBC_TUNABLES=':'.join(t for t in (current, *missing) if t))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def release_free_memory() -> None:
+  """Returns the heap pages malloc holds free to the OS (glibc's malloc_trim; a no-op
+  elsewhere): after restoring or compiling, glibc keeps freed pages between live blocks."""
+  if sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc':
+    ctypes.CDLL(None).malloc_trim(0)
