@@ -92,6 +92,8 @@ def main():
               f'{ratio:.2f}x the {param_mib:.0f} MiB of parameters (target <= '
               f'{TARGETS[name]}x: {"ok" if ok else "MISSED"})')
     print('all targets met' if not failed else f'missed: {", ".join(failed)}')
+    load = ' '.join(f'{x:.1f}' for x in os.getloadavg())
+    print(f'load average (1, 5, 15 min) at the end: {load}')
   finally:
     if not args.keep:
       shutil.rmtree(tmp, ignore_errors=True)
