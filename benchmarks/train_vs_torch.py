@@ -6,10 +6,12 @@ Both sides train the same decoder (default: 4 layers, d_model 256, GQA 8/2 heads
 tied byte embeddings, T 256, batch 16, fp32) with AdamW and global-norm clipping on random
 batches. The PyTorch loop runs in a worker process started by this one, so neither side's
 thread pool spins while the other works; both see the same cores (XLA's and torch's default:
-every core of the machine) and the same malloc settings (workdir/hostenv.py). Timing is
+every core of the machine; `--threads=N` pins both to the first N cores) and the same malloc
+settings (workdir/hostenv.py). Timing is
 interleaved: each pair times `--steps` steps of ours, then of torch's (the order alternates), so
 load from other users of a shared machine hits both alike; the ratio printed is the median of the
-per-pair ratios. The load average before and after is printed with it.
+per-pair ratios. The load average before and after is printed with it, and the ratio of CPU
+time per step (torch's over ours).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ _LAYERS = flags.DEFINE_integer('layers', 4, 'Decoder layers.')
 _D_MODEL = flags.DEFINE_integer('d_model', 256, 'Width (heads of 32, mlp 3x).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per sequence.')
+_THREADS = flags.DEFINE_integer(
+    'threads', 0, 'Threads per side (0: each library\'s default, every core). 1 is the least '
+    'load-sensitive comparison on a shared machine (no thread pool waits for a descheduled peer).')
 _WORKER = flags.DEFINE_bool('torch_worker', False, 'Internal: serve torch steps on stdin/stdout.')
 
 VOCAB = 384
@@ -54,6 +59,9 @@ def torch_worker(sh: dict) -> None:
   """Reads a step count per line on stdin, trains that many steps, writes the seconds taken."""
   import torch
   import transformers
+  if _THREADS.value:
+    os.sched_setaffinity(0, range(_THREADS.value))
+    torch.set_num_threads(_THREADS.value)
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=sh['d_model'], intermediate_size=sh['mlp'],
@@ -81,16 +89,17 @@ def torch_worker(sh: dict) -> None:
   seed = 1
   for line in sys.stdin:
     n = int(line)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
       step(seed)
       seed += 1
-    print(json.dumps({'seconds': time.perf_counter() - start}), flush=True)
+    print(json.dumps({'seconds': time.perf_counter() - start,
+                      'cpu_seconds': time.process_time() - cpu}), flush=True)
 
 
 # ---------------------------------------------------------------- ours
 def our_step(sh: dict):
-  """A `run(n) -> seconds` closure over our jitted train step (compiled and warmed up)."""
+  """A `run(n) -> (seconds, CPU seconds)` closure over our jitted train step (compiled and warmed up)."""
   import jax
   from configs import default, schema
   from training import loop
@@ -110,13 +119,13 @@ def our_step(sh: dict):
 
   seeds = iter(range(10 ** 9))
 
-  def run(n: int) -> float:
+  def run(n: int) -> tuple[float, float]:
     batches = [batch(next(seeds)) for _ in range(n)]   # host work outside the timing
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for b in batches:
       state[0], metrics = s.train_step(state[0], b)
     jax.block_until_ready(metrics)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
   run(2)  # compile + warm-up
   return run, cfg
@@ -132,26 +141,31 @@ def main(argv):
   worker = subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), '--torch_worker',
        *[f'--{k}={v}' for k, v in (('layers', _LAYERS.value), ('d_model', _D_MODEL.value),
-                                    ('batch_size', _BATCH.value), ('seq_len', _SEQ.value))]],
+                                    ('batch_size', _BATCH.value), ('seq_len', _SEQ.value),
+                                    ('threads', _THREADS.value))]],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   info = json.loads(worker.stdout.readline())
+  if _THREADS.value:   # before JAX starts its CPU client, which sizes its pools by affinity
+    os.sched_setaffinity(0, range(_THREADS.value))
   import jax
   run, _ = our_step(sh)
 
-  def torch_run(n: int) -> float:
+  def torch_run(n: int) -> tuple[float, float]:
     worker.stdin.write(f'{n}\n')
     worker.stdin.flush()
-    return json.loads(worker.stdout.readline())['seconds']
+    reply = json.loads(worker.stdout.readline())
+    return reply['seconds'], reply['cpu_seconds']
 
   torch_run(1)
   tokens = sh['batch'] * sh['seq'] * _STEPS.value
-  ours, theirs = [], []
+  ours, theirs, cpu_ratios = [], [], []
   for i in range(_PAIRS.value):
     first, second = (run, torch_run) if i % 2 == 0 else (torch_run, run)
     a, b = first(_STEPS.value), second(_STEPS.value)
     o, t = (a, b) if i % 2 == 0 else (b, a)
-    ours.append(tokens / o)
-    theirs.append(tokens / t)
+    ours.append(tokens / o[0])
+    theirs.append(tokens / t[0])
+    cpu_ratios.append(t[1] / o[1])
   worker.stdin.close()
   worker.wait()
   load_after = os.getloadavg()
@@ -167,6 +181,9 @@ def main(argv):
   print(f'ours {np.median(ours):,.0f} tokens/s, torch {np.median(theirs):,.0f} tokens/s; '
         f'ratio ours/torch = {np.median(ratios):.2f}x (median of {len(ratios)} interleaved pairs '
         f'of {_STEPS.value} steps; range {min(ratios):.2f}-{max(ratios):.2f})')
+  print(f'CPU time per step, torch / ours = {np.median(cpu_ratios):.2f}x (median; range '
+        f'{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}): less sensitive to load than wall time, '
+        'but it counts thread pools spinning while they wait')
 
 
 if __name__ == '__main__':
