@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       ),
       max_len=2048,                   # longest position the model (and its KV cache) supports
       sliding_window=config_dict.placeholder(int),  # None: full attention
-      attention='auto',               # 'auto' | 'xla' | 'blockwise' | 'cudnn' | 'splash'
+      attention='auto',               # 'auto' | 'xla' | 'blockwise' | 'cudnn' | 'splash' | 'dense'
       attention_block_q=config_dict.placeholder(int),   # blockwise query tile (None: 256)
       attention_block_kv=config_dict.placeholder(int),  # blockwise key/value tile (None: 256)
       window_pattern='',              # per-layer 'L' (sliding_window) / 'G' (global), cycled

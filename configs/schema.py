@@ -22,7 +22,7 @@ ENUMS = {
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.norm_position': ('pre', 'post', 'sandwich'),
     'model.positional': ('rope', 'sinusoidal', 'learned'),
-    'model.attention': ('auto', 'xla', 'blockwise', 'cudnn', 'splash'),
+    'model.attention': ('auto', 'xla', 'blockwise', 'cudnn', 'splash', 'dense'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'save_dots', 'save_dots_no_batch'),

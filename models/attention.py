@@ -8,7 +8,9 @@ sequences), block sizes and `logits_soft_cap` (Gemma 2: scaled logits become
 cap * tanh(logits / cap) before bias and masking). One deliberate difference: a query row with no key to attend to
 returns zeros (jax returns the mean of the values there).
 
-Implementations: 'xla' (reference, materialises [T, S] scores), 'blockwise' (models/blockwise.py:
+Implementations: 'xla' (reference, materialises [T, S] scores), 'dense' (models/dense.py: plain
+causal self-attention only, materialised scores without the masked upper blocks, custom VJP;
+what auto picks for short causal training sequences on CPU), 'blockwise' (models/blockwise.py:
 tiled online softmax, O(T) memory, masked tiles skipped), 'cudnn' (jax's fused kernel, GPU only),
 'splash' (jax's Pallas kernel, TPU only: models/splash.py), None / 'auto'
 (`choose_implementation`: a pure function of backend, dtype, shapes and which arguments are given;
@@ -20,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import splash
+from models import dense, splash
 from models.blockwise import blockwise_attention
 
-IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn', 'splash')
+IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn', 'splash', 'dense')
 # None picks blockwise when T * S reaches this (below it the reference is as fast on CPU and the
 # [T, S] scores are small); see benchmarks/attention.py.
 BLOCKWISE_MIN_SCORES = 512 * 1024
@@ -213,7 +215,8 @@ def choose_implementation(query, key, *, is_causal: bool = False, local_window=N
   """What None / 'auto' runs: a pure function of the backend (default: jax's), query/key
   shapes and dtype, and which arguments the call has (explicit positions, segment ids, bias,
   boolean mask, padding lengths, soft cap). On GPU cudnn where it applies; on TPU splash where
-  it applies; else blockwise for T * S >= BLOCKWISE_MIN_SCORES, else xla."""
+  it applies; else blockwise for T * S >= BLOCKWISE_MIN_SCORES; else on CPU dense for plain
+  causal self-attention (no extras: the training step's case); else xla."""
   backend = jax.default_backend() if backend is None else backend
   if cudnn_supported(query, key, is_causal=is_causal, local_window=local_window,
                      extras=positions or segments, soft_cap=soft_cap, backend=backend):
@@ -224,6 +227,11 @@ def choose_implementation(query, key, *, is_causal: bool = False, local_window=N
     return 'splash'
   if query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_SCORES:
     return 'blockwise'
+  if backend == 'cpu' and dense.supported(
+      query, key, is_causal=is_causal,
+      extras=(local_window is not None or positions or segments or bias or mask or lengths
+              or soft_cap)):
+    return 'dense'
   return 'xla'
 
 
@@ -243,7 +251,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     query_positions [B|1, T], key_positions [B|1, S]: positions used by the causal and window
       masks (default: 0..T-1 and 0..S-1, as in jax); key positions < 0 are never attended.
     query_segment_ids [B, T], key_segment_ids [B, S]: attend only within equal ids.
-    implementation: 'xla', 'blockwise', 'cudnn' (GPU only), 'splash' (TPU only), or None /
+    implementation: 'xla', 'blockwise', 'dense' (causal self-attention only), 'cudnn' (GPU
+      only), 'splash' (TPU only), or None /
       'auto' (`choose_implementation`).
     block_q, block_kv: blockwise tile sizes (default 256 / 256; lengths need not divide).
     logits_soft_cap: None or c > 0: the scaled logits become c * tanh(logits / c) before the
@@ -288,6 +297,20 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         query, key, value, scale=scale, is_causal=is_causal, local_window=window,
         query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
         logits_soft_cap=logits_soft_cap)
+  if implementation == 'dense':
+    extras = {'bias': bias, 'mask': mask, 'query_seq_lengths': query_seq_lengths,
+              'key_value_seq_lengths': key_value_seq_lengths, 'local_window_size': window,
+              'query_positions': query_positions, 'key_positions': key_positions,
+              'query_segment_ids': query_segment_ids, 'key_segment_ids': key_segment_ids,
+              'logits_soft_cap': logits_soft_cap}
+    given = [name for name, x in extras.items() if x is not None]
+    if not dense.supported(query, key, is_causal=is_causal, extras=bool(given)):
+      raise ValueError(f"implementation='dense' computes plain causal self-attention only "
+                       f"(is_causal=True, T == S, none of {', '.join(extras)}); got "
+                       f"is_causal={is_causal}, T={query.shape[1]}, S={key.shape[1]}"
+                       f"{', ' + ', '.join(given) if given else ''}. Use 'xla', 'blockwise' or None.")
+    return dense.causal_attention(query, key, value, float(scale),
+                                  dense.default_chunks(query.shape[1]))
   if implementation == 'blockwise':
     return blockwise_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,

@@ -23,6 +23,14 @@ AUTO_CASES = [   # (backend, (T, head_dim, dtype[, S]), call flags, choice)
     ('cpu', (8, 8, jnp.float32), {}, 'xla'),
     ('cpu', (1024, 8, jnp.bfloat16), {}, 'blockwise'),
     ('cpu', (1024, 128, jnp.bfloat16), dict(is_causal=True), 'blockwise'),   # never a kernel
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True), 'dense'),          # training step
+    ('cpu', (256, 32, jnp.float32, 128), dict(is_causal=True), 'xla'),       # T != S
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True, positions=True), 'xla'),   # cache
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True, segments=True), 'xla'),    # packed
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True, local_window=(63, 0)), 'xla'),
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True, soft_cap=True), 'xla'),
+    ('cpu', (256, 32, jnp.float32), dict(is_causal=True, mask=True), 'xla'),
+    ('gpu', (256, 32, jnp.float32), dict(is_causal=True), 'xla'),            # dense: CPU only
     ('gpu', (256, 64, jnp.bfloat16), dict(is_causal=True), 'cudnn'),
     ('gpu', (256, 64, jnp.float16), dict(is_causal=True, local_window=(63, 0)), 'cudnn'),
     ('gpu', (256, 64, jnp.bfloat16), dict(local_window=(8, 8)), 'xla'),      # window: causal only
