@@ -6,8 +6,8 @@ or soft cap (query and key lengths equal), formulated for speed at T of a few hu
   only keys [0, (i + 1) T / chunks), so (chunks + 1) / (2 chunks) of the score work remains;
   only each group's last key block needs a mask;
 - a custom VJP saves the probabilities P and uses dS = P (dP - rowsum(dO * O)), whose row sum
-  runs over [T, H] instead of [T, S], instead of differentiating through the softmax;
-- the scale multiplies the queries ([T, H]) instead of the scores ([T, S]).
+  runs over [T, H] instead of [T, S], instead of differentiating through the softmax.
+The scale multiplies the fp32 scores, as in the reference (on bf16 queries it would round).
 Layout as in `head_major_attention`: queries [B, K, G*Tc, H] against keys [B, K, S, H], so
 every product is a plain batched matmul over (B, K) and K/V are never repeated.
 """
@@ -66,13 +66,13 @@ def _forward(q, k, v, scale, chunks):
   b, t, n, h = q.shape
   kv = k.shape[2]
   tc = t // chunks
-  qh = _head_major(q * jnp.asarray(scale, q.dtype), kv, chunks)
+  qh = _head_major(q, kv, chunks)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [B, K, S, H]
   outs, probs = [], []
   for i in range(chunks):
     s_len = (i + 1) * tc
     logits = jnp.einsum('bkqh,bksh->bkqs', _rows(qh, i, tc), kh[:, :, :s_len],
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
     logits = jnp.where(_chunk_mask(n // kv, tc, i), logits, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(logits, axis=-1)
     outs.append(jnp.einsum('bkqs,bksh->bkqh', p.astype(v.dtype), vh[:, :, :s_len],
@@ -106,9 +106,9 @@ def _bwd(scale, chunks, res, d_out):
                     keepdims=True)                                  # [B, K, G*Tc, 1]
     dp = jnp.einsum('bkqh,bksh->bkqs', do_i, vh[:, :, :s_len],
                     preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta)).astype(qh.dtype)
+    ds = (p * (dp - delta) * jnp.float32(scale)).astype(qh.dtype)   # d(unscaled logits)
     dqs.append(jnp.einsum('bkqs,bksh->bkqh', ds, kh[:, :, :s_len],
-                          preferred_element_type=jnp.float32) * scale)
+                          preferred_element_type=jnp.float32))
     pad = ((0, 0), (0, 0), (0, t - s_len), (0, 0))
     dk = dk + jnp.pad(jnp.einsum('bkqs,bkqh->bksh', ds, _rows(qh, i, tc),
                                  preferred_element_type=jnp.float32), pad)

@@ -86,3 +86,22 @@ def test_default_cpu_train_step_equals_the_xla_reference_step(tiny_config):
   (state, metrics), (ref_state, ref_metrics) = results['auto'], results['xla']
   assert_close(metrics, ref_metrics)
   assert_close(state.opt_state, ref_state.opt_state)
+
+
+def test_bfloat16_forward_and_grads_no_worse_than_xla():
+  """bf16 q/k/v (T 64, 2 groups): output and gradients within BF16_TOL of the fp32 reference
+  on the same rounded inputs, and no further from it than 'xla' run in bf16."""
+  from tests.test_attention import BF16_TOL
+  q, k, v = qkv(2, 64, 64, 4, 2, 16, jnp.bfloat16, seed=3)
+  arrays = dict(query=q, key=k, value=v)
+  run = lambda impl, a: run_fast(lambda a: fwd_and_grads(
+      lambda q, kk, v: dot_product_attention(q, kk, v, is_causal=True, implementation=impl),
+      a), a)
+  ref = run('xla', {n: x.astype(jnp.float32) for n, x in arrays.items()})
+  got, xla16 = run('dense', arrays), run('xla', arrays)
+  assert got[0].dtype == jnp.bfloat16
+  for g, x, r in zip(jax.tree.leaves(got), jax.tree.leaves(xla16), jax.tree.leaves(ref)):
+    scale = float(jnp.max(jnp.abs(r)))
+    err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) / scale
+    xla_err = float(jnp.max(jnp.abs(x.astype(jnp.float32) - r))) / scale
+    assert err <= BF16_TOL and err <= 1.5 * xla_err + 1e-3, (err, xla_err)
