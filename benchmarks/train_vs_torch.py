@@ -99,7 +99,8 @@ def torch_worker(sh: dict) -> None:
 
 # ---------------------------------------------------------------- ours
 def our_step(sh: dict):
-  """A `run(n) -> (seconds, CPU seconds)` closure over our jitted train step (compiled and warmed up)."""
+  """A `run(n) -> (seconds, CPU seconds)` closure over our jitted train step (compiled and
+  warmed up)."""
   import jax
   from configs import default, schema
   from training import loop

@@ -308,7 +308,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       raise ValueError(f"implementation='dense' computes plain causal self-attention only "
                        f"(is_causal=True, T == S, none of {', '.join(extras)}); got "
                        f"is_causal={is_causal}, T={query.shape[1]}, S={key.shape[1]}"
-                       f"{', ' + ', '.join(given) if given else ''}. Use 'xla', 'blockwise' or None.")
+                       f"{', ' + ', '.join(given) if given else ''}. Use 'xla', 'blockwise' "
+                       "or None.")
     return dense.causal_attention(query, key, value, float(scale),
                                   dense.default_chunks(query.shape[1]))
   if implementation == 'blockwise':

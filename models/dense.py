@@ -41,7 +41,7 @@ def _chunk_mask(g: int, tc: int, chunk: int) -> np.ndarray:
   return rows[:, None] >= np.arange((chunk + 1) * tc)[None, :]
 
 
-def _head_major(x, k: int, chunks: int):
+def _head_major(x, k: int):
   """[B, T, N, H] -> [B, K, G, T, H] (N = K * G)."""
   b, t, n, h = x.shape
   return x.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
@@ -63,10 +63,9 @@ def _from_rows(parts, shape):
 
 def _forward(q, k, v, scale, chunks):
   """(out [B, T, N, H], residuals) with q, k, v as given to `causal_attention`."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
+  t, n, kv = q.shape[1], q.shape[2], k.shape[2]
   tc = t // chunks
-  qh = _head_major(q, kv, chunks)
+  qh = _head_major(q, kv)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [B, K, S, H]
   outs, probs = [], []
   for i in range(chunks):
@@ -88,16 +87,11 @@ def causal_attention(query, key, value, scale: float, chunks: int):
   return _forward(query, key, value, scale, chunks)[0]
 
 
-def _fwd(query, key, value, scale, chunks):
-  out, res = _forward(query, key, value, scale, chunks)
-  return out, res
-
-
 def _bwd(scale, chunks, res, d_out):
   qh, kh, vh, outs, probs = res
-  b, kv, g, t, h = qh.shape
+  kv, t = qh.shape[1], qh.shape[3]
   tc = t // chunks
-  doh = _head_major(d_out, kv, chunks)
+  doh = _head_major(d_out, kv)
   dqs, dk, dv = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
   for i in range(chunks):
     s_len = (i + 1) * tc
@@ -119,4 +113,4 @@ def _bwd(scale, chunks, res, d_out):
   return dq, back(dk), back(dv)
 
 
-causal_attention.defvjp(_fwd, _bwd)
+causal_attention.defvjp(_forward, _bwd)
