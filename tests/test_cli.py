@@ -1,5 +1,6 @@
 """The README's workflow through the real CLIs: train, rerun (resume), sample."""
 import json
+import re
 
 import pytest
 
@@ -9,9 +10,12 @@ from tests.conftest import run_cli as run
 @pytest.mark.slow
 def test_train_resume_and_sample(tmp_path):
   workdir = str(tmp_path / 'run')
-  first = run('train.py', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-              '--config.train.steps=12', '--config.train.checkpoint_every=6')
-  assert first.returncode == 0, first.stderr
+  first = run('-X', 'importtime', 'train.py', '--config=configs/default.py:tiny',
+              f'--workdir={workdir}', '--config.train.steps=12', '--config.train.checkpoint_every=6')
+  assert first.returncode == 0, first.stderr[-3000:]
+  # TensorBoard logging without torch, even where it is installed (2-3 s of CPU a launch).
+  assert re.search(r'\| +tensorboardX$', first.stderr, re.M)
+  assert not re.search(r'\| +torch\._C$', first.stderr, re.M)   # the blocked import logs 'torch'
   assert 'Held-out loss' in first.stdout and 'unigram baseline' in first.stdout
   longer = run('train.py', '--config=configs/default.py:tiny', f'--workdir={workdir}',
                '--config.train.steps=16', '--config.train.checkpoint_every=6')

@@ -10,12 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
-import tensorboardX
 import tqdm
 
 from configs import schema
+
+
+def _tensorboardx():
+  """tensorboardX, imported without torch: it imports torch whenever torch is installed (~2.5 s
+  of CPU a launch) only to accept torch tensors, and this logger writes Python floats."""
+  if 'torch' in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules['torch'] = None   # `import torch` raises ImportError while tensorboardX imports
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -67,7 +81,7 @@ class MetricsLogger:
     kept = [m for m in read_metrics(workdir) if m['step'] <= start_step]
     with open(self.path, 'w') as f:  # resume: forget what happened after the restored step
       f.writelines(json.dumps(m) + '\n' for m in kept)
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
+    self.tb = _tensorboardx().SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                          mininterval=1.0)
     if wandb_project is not None:
