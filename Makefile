@@ -27,6 +27,9 @@ demo: $(VENV)/.core
 	$(BIN)/python sample.py --workdir=runs/default --prompt='def parse_args(' --max_new_tokens=300 --temperature=0.7 --top_k=40
 
 # glibc.malloc.hugetlb=1: see workdir/hostenv.py (the CLIs set it themselves).
+# One pytest-xdist worker a core (at most 8); tests/conftest.py groups the tests that share a
+# module fixture or a README workdir and sends the slow ones first. XDIST= runs in one process.
+XDIST ?= -n auto --maxprocesses=8 --dist loadgroup --no-loadscope-reorder
 test: $(VENV)/.test
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests: failing.' >&2; fi; exit $$rc

@@ -49,3 +49,25 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained'))
   loop.train(cfg, workdir)
   return cfg, workdir
+
+
+def _module_fixture_user(item) -> bool:
+  info = getattr(item, '_fixtureinfo', None)
+  defs = info.name2fixturedefs if info else {}
+  return any(d and d[-1].scope == 'module' for d in (defs.get(n) for n in item.fixturenames))
+
+
+def pytest_collection_modifyitems(config, items):
+  """For pytest-xdist (`make test` runs `-n auto --dist loadgroup`): tests sharing a module-scoped
+  fixture stay on one worker (one group a file, unless the test names its own `xdist_group`),
+  and the units holding slow tests are sent first, then groups, largest first, so that the run
+  does not end on one long test alone. Each unit keeps its own order."""
+  units = {}
+  for i, item in enumerate(items):
+    if item.get_closest_marker('xdist_group') is None and _module_fixture_user(item):
+      item.add_marker(pytest.mark.xdist_group(os.path.basename(item.path)))
+    mark = item.get_closest_marker('xdist_group')
+    units.setdefault(mark.args[0] if mark else f'#{i}', []).append(item)
+  order = sorted(units.values(), key=lambda unit: (
+      not any(it.get_closest_marker('slow') for it in unit), -len(unit)))
+  items[:] = [it for unit in order for it in unit]

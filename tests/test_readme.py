@@ -11,6 +11,7 @@ sweep tests run whole sweeps. The Hugging Face commands
 read a tiny Llama the test saves at the README's `path/to/Llama-3.2-1B`, and fine-tune on a
 `notes/` folder it writes; the "Your data" commands read `corpus/*.jsonl.gz`,
 `extra/*.parquet` and a `tokenizer.json` it writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
+Commands that name the same `runs/` folder stay in README order on one pytest-xdist worker.
 A command that exits non-zero (or lacks its documented output) fails. SKIPS lists, with
 reasons, the commands that cannot run here; sweep commands are slow-marked.
 """
@@ -94,6 +95,10 @@ def _params():
       marks.append(pytest.mark.skip(reason=skip))
     if any(s in text for s in SLOW):
       marks.append(pytest.mark.slow)
+    # Commands on one runs/ folder run in README order on one pytest-xdist worker; the others
+    # anywhere (each worker builds its own `checkout`).
+    workdir = re.search(r'runs/[\w./-]+', text)
+    marks.append(pytest.mark.xdist_group(f'readme {workdir.group() if workdir else i}'))
     params.append(pytest.param(kind, text, expected, marks=marks, id=f'{i:02d} {first}'))
   return params
 
