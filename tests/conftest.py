@@ -57,6 +57,20 @@ def _module_fixture_user(item) -> bool:
   return any(d and d[-1].scope == 'module' for d in (defs.get(n) for n in item.fixturenames))
 
 
+def _tag_group(item, group: str) -> None:
+  """The id suffix `@group` by which pytest-xdist's loadgroup scheduler groups tests. xdist 3.8
+  writes it to item._nodeid, which pytest 9.2 no longer reads (the id is item._id, a NodeId), so
+  its loadgroup silently spreads a group over the workers; written here for either pytest."""
+  nodeid = item.nodeid
+  if nodeid.endswith(f'@{group}'):
+    return
+  if hasattr(item, '_id'):
+    item._id = type(item._id).parse(f'{nodeid}@{group}')
+  else:
+    item._nodeid = f'{nodeid}@{group}'
+  assert item.nodeid == f'{nodeid}@{group}', item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
   """For pytest-xdist (`make test` runs `-n auto --dist loadgroup`): tests sharing a module-scoped
   fixture stay on one worker (one group a file, unless the test names its own `xdist_group`),
@@ -67,6 +81,8 @@ def pytest_collection_modifyitems(config, items):
     if item.get_closest_marker('xdist_group') is None and _module_fixture_user(item):
       item.add_marker(pytest.mark.xdist_group(os.path.basename(item.path)))
     mark = item.get_closest_marker('xdist_group')
+    if mark and getattr(config.option, 'loadgroup', False):   # an xdist worker, --dist loadgroup
+      _tag_group(item, mark.args[0])
     units.setdefault(mark.args[0] if mark else f'#{i}', []).append(item)
   order = sorted(units.values(), key=lambda unit: (
       not any(it.get_closest_marker('slow') for it in unit), -len(unit)))
