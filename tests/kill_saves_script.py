@@ -4,12 +4,13 @@ python tests/kill_saves_script.py ROOT POINTS SEED [JOBS=2] ; prints one JSON li
 
 This process imports everything once and never starts a JAX backend; each kill point is a
 forked child that saves a small state and data position at steps 1..STEPS (keep=1, so every
-seal prunes) and SIGKILLs itself at the K-th file-system call of the save path (os/io/shutil
-calls made by orbax's writes and commit, grain's iterator state, the sha256 manifest and the
-pruning), or after a seeded random delay (tensorstore's writes, which are C++). A second child
+seal prunes) and SIGKILLs itself at the K-th file-system call of one phase of the save path
+(os/io/shutil calls made by orbax's writes and commit, grain's iterator state, the sha256
+manifest and the pruning), or after a seeded random delay (tensorstore's writes, which are C++). A second child
 then reruns: restores the newest usable step, checks it, finishes the saves and checks the end.
 """
 import builtins
+import collections
 import io
 import json
 import os
@@ -65,10 +66,12 @@ def phase() -> str:
   return 'orbax write/commit'
 
 
-def install_kill(kill_at: int, log_fd: int) -> list:
-  """SIGKILL this process at the kill_at-th hooked call (any thread); logs where. Returns the
-  call counter ([n]). kill_at < 0: log every call's phase, kill nothing."""
-  lock, count = threading.Lock(), [0]
+def install_kill(kill_at: str | None, log_fd: int) -> list:
+  """SIGKILL this process at the hooked call `kill_at` ('PHASE#N': the N-th call of that phase,
+  any thread); logs where. Counted within a phase, a point stays in its phase when orbax's threads
+  interleave differently from the counting run (a global count drifted out of the few data
+  position calls under load). Returns the call counter ([n]). kill_at None: log every call."""
+  lock, count, per_phase = threading.Lock(), [0], collections.Counter()
 
   def wrap(module, name, original):
     def hooked(*args, **kwargs):
@@ -77,11 +80,14 @@ def install_kill(kill_at: int, log_fd: int) -> list:
         return original(*args, **kwargs)
       with lock:
         count[0] += 1
-        if kill_at < 0:   # counting run: log each call's phase
-          os.write(log_fd, json.dumps({'call': count[0], 'phase': phase()}).encode() + b'\n')
-        if count[0] == kill_at:
+        where = phase()
+        per_phase[where] += 1
+        point = f'{where}#{per_phase[where]}'
+        if kill_at is None:   # counting run: log each call's point
+          os.write(log_fd, json.dumps({'call': point, 'phase': where}).encode() + b'\n')
+        elif point == kill_at:
           os.write(log_fd, json.dumps({'killed': f'{module.__name__}.{name}',
-                                       'phase': phase()}).encode() + b'\n')
+                                       'phase': where}).encode() + b'\n')
           os.kill(os.getpid(), signal.SIGKILL)
       return original(*args, **kwargs)
     return hooked
@@ -91,8 +97,9 @@ def install_kill(kill_at: int, log_fd: int) -> list:
   return count
 
 
-def writer(workdir: str, log_fd: int, kill_at: int | None, delay: float | None) -> None:
-  count = install_kill(kill_at, log_fd) if kill_at is not None else [0]
+def writer(workdir: str, log_fd: int, kill_at: str | None, delay: float | None,
+           hooked: bool = True) -> None:
+  count = install_kill(kill_at, log_fd) if hooked else [0]
   it = data_iter()
   saver = ckpt_lib.Checkpointer(workdir, keep=1)
   os.write(log_fd, json.dumps({'start': time.time()}).encode() + b'\n')
@@ -170,7 +177,7 @@ def read_log(path: str) -> list[dict]:
 def main(root: str, points: int, seed: int, jobs: int = 2) -> None:
   # The hooked calls of an uninterrupted run and their phases, to spread the kill points.
   fd = os.open(os.path.join(root, 'count.log'), os.O_WRONLY | os.O_CREAT)
-  assert fork_and_wait(writer, os.path.join(root, 'count'), fd, -1, None) == 0
+  assert fork_and_wait(writer, os.path.join(root, 'count'), fd, None, None) == 0
   os.close(fd)
   counted = read_log(os.path.join(root, 'count.log'))
   calls = {x['call']: x['phase'] for x in counted if 'call' in x}
@@ -180,7 +187,7 @@ def main(root: str, points: int, seed: int, jobs: int = 2) -> None:
   # Every call of the checksums and the data position, a quarter of the hooked points in the
   # pruning (rmtree makes one call per file), the rest in orbax's writes and commit.
   by_phase = {}
-  for k, p in sorted(calls.items()):
+  for k, p in calls.items():   # in call order
     by_phase.setdefault(p, []).append(k)
   hooks = points - timed
   chosen = set(by_phase.get('checksums', []) + by_phase.get('data position', []))
@@ -188,7 +195,7 @@ def main(root: str, points: int, seed: int, jobs: int = 2) -> None:
   chosen |= set(rng.sample(pruning, min(len(pruning), hooks // 4)))
   rest = by_phase.get('orbax write/commit', [])
   chosen |= set(rng.sample(rest, max(0, min(len(rest), hooks - len(chosen)))))
-  plan = [('hook', k) for k in sorted(chosen)]
+  plan = [('hook', k) for k in calls if k in chosen]
   plan += [('timer', round(rng.uniform(0.0, duration), 3)) for _ in range(timed)]
   # Each point: its writer child, then its rerun child; `jobs` points at a time (the points
   # are independent folders; the parent stays single-threaded and reaps with os.wait).
@@ -198,7 +205,7 @@ def main(root: str, points: int, seed: int, jobs: int = 2) -> None:
     workdir, log = os.path.join(root, f'p{i}'), os.path.join(root, f'p{i}.log')
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     pid = fork(writer, workdir, fd, where if how == 'hook' else None,
-               where if how == 'timer' else None)
+               where if how == 'timer' else None, how == 'hook')
     running[pid] = ('writer', i, how, where, fd, None)
 
   while todo or running:
