@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from workdir import hostenv
 from tests.conftest import run_cli
@@ -49,6 +50,7 @@ def test_configure_xla_cpu_adds_flags_once_and_keeps_the_users(monkeypatch):
   assert os.environ['XLA_FLAGS'] == user   # the user's own choice wins
 
 
+@pytest.mark.slow
 def test_xla_cpu_flags_keep_loss_and_gradients():
   default, tuned = _run(''), _run(' '.join(hostenv.XLA_CPU_FLAGS))
   assert tuned['xla_flags'] == ' '.join(hostenv.XLA_CPU_FLAGS) and default['xla_flags'] == ''

@@ -256,6 +256,7 @@ def test_lora_on_a_trained_run_resumes_exactly(trained, tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_encoder_decoder_trains_adapters_over_a_frozen_base(tmp_path):
   """LoRA from scratch on the encoder-decoder: the random base is written once (step 0) and
   stays as written; the adapters (self and cross attention, MLP) train; sampling reads them."""
