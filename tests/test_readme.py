@@ -5,9 +5,9 @@ joined, `# comments` and `[optional]` arguments dropped), `python ...` lines of 
 and `$ python ...` lines whose documented output (the lines after them) must appear in what
 they print; ```python blocks run as scripts. All of them share one folder (a mirror of the
 checkout, so `runs/...` paths land there) and run with LMX_MAX_STEPS=3
-(configs.schema.cap_steps), so each training run is a few steps, and LMX_MAX_TRIALS=2
-(sweeps.spec.cap_trials), so each sweep runs two trials (three for a scaling fit); the
-sweep tests run whole sweeps. The Hugging Face commands
+(configs.schema.cap_steps), so each training run is a few steps, and LMX_MAX_TRIALS=1
+(sweeps.spec.cap_trials), so each sweep runs one trial (three for a scaling fit); the
+sweep tests (tests/test_sweeps.py, test_search.py) run whole sweeps of several trials. The Hugging Face commands
 read a tiny Llama the test saves at the README's `path/to/Llama-3.2-1B`, and fine-tune on a
 `notes/` folder it writes; the "Your data" commands read `corpus/*.jsonl.gz`,
 `extra/*.parquet` and a `tokenizer.json` it writes. HOME is the shared folder, so token caches (~/.cache/lmx) stay inside the test.
@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import ROOT
 
 MAX_STEPS = '3'
-MAX_TRIALS = '2'
+MAX_TRIALS = '1'
 # Substring of a command -> why it is not run here.
 SKIPS = {
     'make ': 'the make targets: `make test` is this suite, `make demo` trains the full default '
@@ -34,6 +34,9 @@ SKIPS = {
     '--coordinator_address': 'needs a second host',
     'configs/gpt2.py': 'GPT-2 124M on 8 devices takes minutes a step on CPU; tests/test_scale.py '
                        'trains its :smoke variant on 8 simulated devices',
+    '--backend=ray': 'tests/test_sweeps.py runs a sweep on the Ray backend (a trial whose losses '
+                     "match the local backend's, a failing trial reported); here the command "
+                     'would only start Ray to skip the trials the command before it finished',
     '--tasks=hellaswag': "lm-eval's own tasks download their data from the Hugging Face hub "
                          '(no network here); the lmx_python command runs the shipped offline '
                          'tasks through the same code',
