@@ -6,13 +6,11 @@ from workdir import hostenv
 
 hostenv.ensure_fast_malloc(sampling=True)
 
-from typing import Iterator
-
-import numpy as np
+import jax
 from absl import app, flags, logging
 
 from sampling import encdec
-from workdir.load import load_workdir
+from workdir.load import open_workdir, restore
 from sampling.sampler import Sampler, stream_text
 from text.chat import prompt_ids
 from workdir.files import WorkdirError
@@ -65,35 +63,28 @@ def sample_encoder_decoder(loaded) -> None:
     print(text)
 
 
-def released(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-  """The chunks, each after returning to the OS the heap pages that compiling it freed (~80 MiB
-  for a 150M Llama's prefill, otherwise held while the next one compiles)."""
-  for chunk in chunks:
-    hostenv.release_free_memory()
-    yield chunk
-
-
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   check_flags()
   try:
-    loaded = load_workdir(_WORKDIR.value)
+    opened = open_workdir(_WORKDIR.value)
   except WorkdirError as e:
     raise SystemExit(f'error: {e}') from None
-  hostenv.release_free_memory()   # the restore's freed buffers, before compiling
-  if loaded.config.model.kind == 'encoder_decoder':
+  if opened.config.model.kind == 'encoder_decoder':
     if _CHAT.value:
       raise SystemExit('error: --chat is for decoder-only models; this workdir is an '
                        'encoder-decoder.')
+    loaded = restore(opened)
+    hostenv.release_free_memory()
     return sample_encoder_decoder(loaded)
-  tok = loaded.tokenizer
+  tok = opened.tokenizer
   try:
     text, ids = prompt_ids(tok, _PROMPT.value, chat=_CHAT.value)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
-  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
+  sampler = Sampler(opened.graphdef, opened.abstract, max_len=opened.config.model.max_len,
                     eos_id=tok.eos_id if tok.eos_id >= 0 else None, pad_id=max(tok.pad_id, 0))
   prompts = [ids] * _NUM_SAMPLES.value
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
@@ -102,10 +93,28 @@ def main(argv):
     sampler.check(prompts, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   except ValueError as e:
     raise SystemExit(f'error: {str(e).replace("prompt 0", "--prompt")}') from None
+  # Below f32, the programs are compiled before the parameters are read: compiling's transient
+  # (~160 MiB for a 150M Llama) then never adds to them. It keeps ~130 MiB (executables, the
+  # compiler's code pages) through the restore, whose own transient grows with the largest
+  # parameter: for f32 compiling first raised the peak (1.51x -> 1.61x of the parameters),
+  # for bf16 it lowered it (2.38x -> 1.95x; benchmarks/import_memory.py).
+  first = all(a.dtype.itemsize < 4 for a in jax.tree.leaves(opened.abstract))
+  if first:
+    sampler.compile(len(prompts), len(ids), _MAX_NEW.value)
+    hostenv.release_free_memory()
+  try:
+    loaded = restore(opened)
+  except WorkdirError as e:
+    raise SystemExit(f'error: {e}') from None
+  sampler.params = loaded.params
+  hostenv.release_free_memory()   # the restore's freed buffers
+  if not first:
+    sampler.compile(len(prompts), len(ids), _MAX_NEW.value)
+    hostenv.release_free_memory()
   if _NUM_SAMPLES.value == 1:
     print(f'--- sample 0 (step {loaded.step}) ---')
     print(text, end='', flush=True)
-    for piece in stream_text(tok.decode, released(sampler.stream(prompts, **kwargs))):
+    for piece in stream_text(tok.decode, sampler.stream(prompts, **kwargs)):
       print(piece, end='', flush=True)
     print()
     return

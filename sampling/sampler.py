@@ -17,7 +17,9 @@ enough for the next chunk: one of `kv_cache.view_sizes` (multiples of 128 growin
 to a power of two >= bucket + max_new_tokens), grown by `grow_cache` between chunks. A decode
 step then costs O(filled length); each cache length compiles `decode_chunk` once. Sampling
 controls are traced: changing them never recompiles. Step i samples with
-`fold_in(key(seed), i)`, so results do not depend on the chunk size.
+`fold_in(key(seed), i)`, so results do not depend on the chunk size. `Sampler.compile` builds a
+request shape's programs ahead of time, also against abstract parameters (`Sampler.schedule`
+lists the cache lengths a request uses).
 """
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ def _sample(state: SamplingState, logits: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
 def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: jax.Array,
-            eos: jax.Array, controls: SamplingControls, key: jax.Array, *,
+            eos: jax.Array, controls: SamplingControls, seed: jax.Array, *,
             cache_len: int) -> tuple[SamplingState, jax.Array]:
-  """tokens: [B, P] left-padded, lengths [B], max_new [B], eos [B] (-1: none).
+  """tokens: [B, P] left-padded, lengths [B], max_new [B], eos [B] (-1: none), seed [] int32.
 
   Returns (state, first tokens [B]); state feeds `decode_chunk`.
   """
@@ -93,8 +95,9 @@ def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: ja
   logits, cache = model(tokens, positions, cache=model.init_cache(b, cache_len))
   state = SamplingState(
       cache=cache, index=jnp.int32(p), position=lengths.astype(jnp.int32), step=jnp.int32(1),
-      key=key, controls=controls, eos=eos.astype(jnp.int32), max_new=max_new.astype(jnp.int32),
-      count=jnp.zeros((b,), jnp.int32), done=max_new <= 0, token=jnp.zeros((b,), jnp.int32))
+      key=jax.random.key(seed), controls=controls, eos=eos.astype(jnp.int32),
+      max_new=max_new.astype(jnp.int32), count=jnp.zeros((b,), jnp.int32), done=max_new <= 0,
+      token=jnp.zeros((b,), jnp.int32))
   return _sample(state, logits[:, -1], 0)
 
 
@@ -141,6 +144,11 @@ class Sampler:
 
   max_len: the model's longest position (prompt + new tokens must fit). eos_id: default stop
   token (None: none). chunk: decode steps per jitted call (the streaming granularity).
+
+  `compile` builds a request shape's programs ahead of time; `params` may then still be
+  abstract (jax.ShapeDtypeStruct leaves, e.g. checkpoints.abstract_params) and be set to the
+  real ones afterwards, so that compiling never overlaps holding the parameters (sample.py).
+  Requests of another shape fall back to the jitted functions.
   """
 
   def __init__(self, graphdef, params, *, max_len: int, eos_id: int | None = None,
@@ -148,6 +156,60 @@ class Sampler:
     self.graphdef, self.params = graphdef, params
     self.max_len, self.eos_id, self.pad_id = max_len, eos_id, pad_id
     self.chunk, self.min_bucket = chunk, min_bucket
+    self.compiled: dict[tuple, jax.stages.Compiled] = {}
+
+  def layout(self, prompt_len: int, max_new_tokens: int) -> tuple[int, list[int]]:
+    """(prompt bucket P, the cache lengths a request may use: `kv_cache.view_sizes`) for its
+    longest prompt and largest max_new_tokens."""
+    p = bucket(prompt_len, self.min_bucket)
+    return p, kv_cache.view_sizes(bucket(p + max_new_tokens, self.min_bucket))
+
+  def cache_len(self, sizes: list[int], index: int) -> int:
+    """The cache length a chunk starting at slot `index` needs (it writes index .. index +
+    chunk - 1)."""
+    return next(s for s in sizes if s >= min(index + self.chunk, sizes[-1]))
+
+  def schedule(self, prompt_len: int, max_new_tokens: int) -> tuple[int, list[int]]:
+    """(prompt bucket P, the cache lengths a request uses in order: prefill's, then each one
+    `grow_cache` moves to). A row's first token comes from prefill, so at most
+    ceil((max_new_tokens - 1) / chunk) chunks run, chunk k from slot P + k * chunk."""
+    p, sizes = self.layout(prompt_len, max_new_tokens)
+    chunks = max(-(-(max_new_tokens - 1) // self.chunk), 1)
+    return p, sorted({self.cache_len(sizes, p + k * self.chunk) for k in range(chunks)})
+
+  def compile(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+    """Compiles every program a request of `batch` prompts (the longest `prompt_len` tokens,
+    max_new_tokens at most `max_new_tokens`) runs; `stream` then uses them. `self.params` may be
+    abstract."""
+    p, lengths = self.schedule(prompt_len, max_new_tokens)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    controls = SamplingControls(temperature=f32, top_k=i32(), top_p=f32)
+    g = self.graphdef
+    lowered = prefill.lower(g, self.params, i32(batch, p), i32(batch), i32(batch), i32(batch),
+                            controls, i32(), cache_len=lengths[0])
+    self.compiled[('prefill', batch, p, lengths[0])] = lowered.compile()
+    del lowered   # its HLO, before the next compile
+    if max_new_tokens <= 1:
+      return
+    state = jax.eval_shape(functools.partial(prefill, g, cache_len=lengths[0]), self.params,
+                           i32(batch, p), i32(batch), i32(batch), i32(batch), controls, i32())[0]
+    for before, length in zip([None, *lengths], lengths):
+      if before is not None:
+        cache = state.cache
+        self.compiled[('grow', batch, before, length)] = grow_cache.lower(
+            g, self.params, cache, cache_len=length).compile()
+        state = state.replace(cache=jax.eval_shape(
+            functools.partial(grow_cache, g, cache_len=length), self.params, cache))
+      self.compiled[('decode', batch, length, self.chunk)] = decode_chunk.lower(
+          g, self.params, state, chunk=self.chunk).compile()
+
+  def _run(self, key: tuple, fn, *args, **static):
+    """fn(graphdef, params, *args, **static), by the program `compile` made for `key` if any."""
+    exe = self.compiled.get(key)
+    if exe is not None:
+      return exe(self.params, *args)
+    return fn(self.graphdef, self.params, *args, **static)
 
   def check(self, prompts: Sequence[Sequence[int]], max_new_tokens, temperature: float,
             top_k: int, top_p: float) -> tuple[list[np.ndarray], np.ndarray]:
@@ -183,29 +245,31 @@ class Sampler:
     """
     arrays, max_new = self.check(prompts, max_new_tokens, temperature, top_k, top_p)
     eos = self.eos_id if eos_id is None else eos_id
-    p = bucket(max(a.size for a in arrays), self.min_bucket)
-    tokens = np.full((len(arrays), p), self.pad_id, np.int32)
+    b = len(arrays)
+    p, sizes = self.layout(max(a.size for a in arrays), int(max_new.max()))
+    index, allocated = p, self.cache_len(sizes, p)
+    tokens = np.full((b, p), self.pad_id, np.int32)
     for row, a in zip(tokens, arrays):
       row[p - a.size:] = a
-    controls = SamplingControls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
-                                top_p=jnp.float32(top_p))
-    sizes = kv_cache.view_sizes(bucket(p + int(max_new.max()), self.min_bucket))
-    # slots the next chunk writes: index .. index + chunk - 1, index = p + decode steps so far
-    cache_len = lambda index: next(s for s in sizes if s >= min(index + self.chunk, sizes[-1]))
-    index, allocated = p, cache_len(p)
-    state, first = prefill(
-        self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray([a.size for a in arrays]),
-        jnp.asarray(max_new), jnp.full((len(arrays),), -1 if eos is None else eos, jnp.int32),
-        controls, jax.random.key(seed), cache_len=allocated)
+    # device_put of numpy arrays: nothing here compiles beside the sampler's programs
+    put = lambda x, dtype: jax.device_put(np.asarray(x, dtype))
+    controls = SamplingControls(temperature=put(temperature, np.float32),
+                                top_k=put(top_k, np.int32), top_p=put(top_p, np.float32))
+    state, first = self._run(
+        ('prefill', b, p, allocated), prefill, put(tokens, np.int32),
+        put([a.size for a in arrays], np.int32), put(max_new, np.int32),
+        put(np.full((b,), -1 if eos is None else eos), np.int32), controls, put(seed, np.int32),
+        cache_len=allocated)
     if max_new.max() == 0:
       return
     yield np.asarray(first)[:, None]
     while not bool(np.all(np.asarray(state.done))):   # a chunk ends early only when all are
-      if cache_len(index) > allocated:
-        allocated = cache_len(index)
-        state = state.replace(cache=grow_cache(self.graphdef, self.params, state.cache,
-                                               cache_len=allocated))
-      state, out = decode_chunk(self.graphdef, self.params, state, chunk=self.chunk)
+      if self.cache_len(sizes, index) > allocated:
+        before, allocated = allocated, self.cache_len(sizes, index)
+        state = state.replace(cache=self._run(('grow', b, before, allocated), grow_cache,
+                                              state.cache, cache_len=allocated))
+      state, out = self._run(('decode', b, allocated, self.chunk), decode_chunk, state,
+                             chunk=self.chunk)
       index += self.chunk
       yield np.asarray(out)
 

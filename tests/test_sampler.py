@@ -312,7 +312,7 @@ def test_decode_updates_the_cache_in_place(tiny_model):
       graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([10]), jnp.array([50]),
       jnp.array([-1]), sampler_lib.SamplingControls(temperature=jnp.float32(0),
                                                     top_k=jnp.int32(0), top_p=jnp.float32(1)),
-      jax.random.key(0), cache_len=512)
+      jnp.int32(0), cache_len=512)
   hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
   shapes = {'f32[1,2,16,512]', 'f32[1,2,512,16]', 's32[1,512]'}   # k, v, pos
   assert 'f32[1,2,16,512]' in hlo and 'f32[1,2,512,16]' in hlo
@@ -408,7 +408,7 @@ cfg = schema.apply_overrides(default.get_config('tiny'), {
 graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
 controls = S.SamplingControls(jnp.float32(0), jnp.int32(0), jnp.float32(1))
 args = (graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), jnp.array([8]),
-        jnp.array([-1]), controls, jax.random.key(0))
+        jnp.array([-1]), controls, jnp.int32(0))
 pre = S.prefill.lower(*args, cache_len=128).compile()
 state, _ = S.prefill(*args, cache_len=128)
 dec = S.decode_chunk.lower(graphdef, params, state, chunk=8).compile()
@@ -433,3 +433,29 @@ def test_bf16_sampling_never_holds_an_f32_copy_of_all_weights():
   assert t['f32_params'] > 20 * t['f32_largest']   # the bound below tells the two apart
   assert t['prefill'] < 2 * t['f32_largest'], t
   assert t['decode'] < 2 * t['f32_largest'], t
+
+
+def test_precompiled_programs_give_the_same_tokens_and_nothing_compiles_after(tiny_model):
+  """`Sampler.compile` against abstract parameters (as sample.py does before restoring) builds
+  every program a request runs, including each grown cache length: generating then compiles
+  nothing and makes the plain jit path's tokens."""
+  graphdef, params = tiny_model
+  prompts = [np.random.RandomState(9).randint(0, 256, n) for n in (5, 40)]
+  kw = dict(max_new_tokens=150, temperature=0.7, top_k=20, seed=3)
+  plain = Sampler(graphdef, params, max_len=256, chunk=16).generate(prompts, **kw)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  sampler = Sampler(graphdef, abstract, max_len=256, chunk=16)
+  p, lengths = sampler.schedule(40, 150)
+  assert p == 64 and lengths == [128, 256]   # so a grow_cache runs
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  jax.clear_caches()
+  sampler.compile(2, 40, 150)
+  assert len(compiles) == 4   # prefill, decode at 128, grow to 256, decode at 256
+  sampler.params = params
+  out = sampler.generate(prompts, **kw)
+  assert len(compiles) == 4
+  for a, b in zip(out, plain):
+    np.testing.assert_array_equal(a, b)

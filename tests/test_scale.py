@@ -335,7 +335,8 @@ def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp
   from interop.convert import export_hf
   from interop.hf_params import SafetensorsFolder
   from workdir.files import write_config
-  from workdir.load import load_workdir
+  from sampling.sampler import Sampler
+  from workdir.load import load_workdir, open_workdir, restore
   from training import checkpoint as ckpt_lib
   from training import loop
   cfg = tiny_config({'model.scan_layers': True})
@@ -350,6 +351,15 @@ def test_scanned_workdir_loads_unrolled_for_sampling_and_export(tiny_config, tmp
   loaded = load_workdir(str(tmp_path / 'wd'))
   assert not loaded.config.model.scan_layers and not scan.is_scanned(loaded.params)
   np.testing.assert_allclose(nnx.merge(loaded.graphdef, loaded.params)(tokens), want, atol=1e-5)
+  # sample.py's order: compile against the unrolled abstract params, then restore and run
+  opened = open_workdir(str(tmp_path / 'wd'))
+  sampler = Sampler(opened.graphdef, opened.abstract, max_len=cfg.model.max_len, chunk=8)
+  sampler.compile(1, 5, 12)
+  sampler.params = restore(opened).params
+  plain = Sampler(loaded.graphdef, loaded.params, max_len=cfg.model.max_len, chunk=8)
+  prompt = [np.arange(5)]
+  np.testing.assert_array_equal(sampler.generate(prompt, max_new_tokens=12)[0],
+                                plain.generate(prompt, max_new_tokens=12)[0])
   export_hf(str(tmp_path / 'wd'), str(tmp_path / 'hf'))
   names = set(SafetensorsFolder(str(tmp_path / 'hf')).entries)
   assert {f'model.layers.{i}.mlp.up_proj.weight' for i in range(2)} <= names

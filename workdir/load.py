@@ -24,18 +24,45 @@ class Loaded:
   step: int
 
 
-def load_workdir(workdir: str) -> Loaded:
-  """Restores the parameters of the latest usable checkpoint of `workdir` (a damaged newest one
-  is reported and the previous one used); raises WorkdirError when there is none."""
+@dataclasses.dataclass
+class Opened:
+  """A workdir before its parameters are read: `abstract` are the sampling model's parameters as
+  jax.ShapeDtypeStruct (unrolled layers, see `load_workdir`), enough to compile against."""
+  workdir: str
+  config: object
+  graphdef: object
+  abstract: object
+  tokenizer: Tokenizer
+  stored: object   # the checkpoint's abstract params (scanned layers if config says so)
+  scanned: bool
+
+
+def open_workdir(workdir: str) -> Opened:
+  """The config, tokenizer and abstract parameters of `workdir`; nothing is allocated. Raises
+  WorkdirError when it is not a workdir or holds no checkpoint."""
   if not os.path.isdir(workdir):
     raise WorkdirError(f'--workdir={workdir}: no such directory.')
   config = load_config(workdir)
   if not checkpoints.steps(workdir):
     raise WorkdirError(f'--workdir={workdir}: no checkpoint to sample from yet.')
-  graphdef, abstract, _ = checkpoints.abstract_params(config)
-  params, step = checkpoints.restore_params(workdir, abstract)
-  if config.model.scan_layers:  # per-layer KV caches and exported names want unrolled layers
+  graphdef, stored, _ = checkpoints.abstract_params(config)
+  abstract, scanned = stored, bool(config.model.scan_layers)
+  if scanned:  # per-layer KV caches and exported names want unrolled layers
     config = schema.apply_overrides(config, {'model.scan_layers': False})
+    graphdef, abstract, _ = checkpoints.abstract_params(config)
+  return Opened(workdir, config, graphdef, abstract, make_tokenizer(config.data.tokenizer),
+                stored, scanned)
+
+
+def restore(opened: Opened) -> Loaded:
+  """Restores the parameters of the latest usable checkpoint of `opened` (a damaged newest one
+  is reported and the previous one used)."""
+  params, step = checkpoints.restore_params(opened.workdir, opened.stored)
+  if opened.scanned:
     params = scan.to_unrolled(params)
-    graphdef = checkpoints.abstract_params(config)[0]
-  return Loaded(config, graphdef, params, make_tokenizer(config.data.tokenizer), step)
+  return Loaded(opened.config, opened.graphdef, params, opened.tokenizer, step)
+
+
+def load_workdir(workdir: str) -> Loaded:
+  """`restore(open_workdir(workdir))`: config, tokenizer and parameters (layers unrolled)."""
+  return restore(open_workdir(workdir))
