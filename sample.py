@@ -97,7 +97,7 @@ def main(argv):
   # (~160 MiB for a 150M Llama) then never adds to them. It keeps ~130 MiB (executables, the
   # compiler's code pages) through the restore, whose own transient grows with the largest
   # parameter: for f32 compiling first raised the peak (1.51x -> 1.61x of the parameters),
-  # for bf16 it lowered it (2.38x -> 1.95x; benchmarks/import_memory.py).
+  # for bf16 it lowered it (2.38x -> 1.94x; benchmarks/import_memory.py).
   first = all(a.dtype.itemsize < 4 for a in jax.tree.leaves(opened.abstract))
   if first:
     sampler.compile(len(prompts), len(ids), _MAX_NEW.value)

@@ -51,6 +51,8 @@ class DecoderLM(nnx.Module):
     self.layers = scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = make_norm(cfg) if cfg.norm_position != 'post' else None
     self.final_softcap = cfg.final_logit_softcap
+    # Sampling sets it (sampling/sampler.py): see `logits`.
+    self.logit_slices = 1
     self.lm_head = (None if cfg.tie_embeddings else
                     Projection((cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
                                use_bias=False, std=cfg.init_std, dtype=cfg.dtype,
@@ -69,8 +71,30 @@ class DecoderLM(nnx.Module):
     """Final hidden states [B, T, D] -> fp32 logits [B, T, V] (soft-capped when configured)."""
     if self.final_norm is not None:
       x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    elif self.logit_slices > 1:
+      logits = self.sliced_lm_head(x, self.logit_slices).astype(jnp.float32)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
     return soft_cap(logits, self.final_softcap)
+
+  def sliced_lm_head(self, x: jnp.ndarray, n: int) -> jnp.ndarray:
+    """`lm_head(x)` [B, T, V] in `n` vocab slices, each dot after the previous one: XLA:CPU
+    computes a bf16 dot from an f32 copy of the weight, here of one slice at a time (the whole
+    lm_head was a sampling step's largest temporary). The same dot per logit."""
+    head = self.lm_head
+    assert head.bias is None and head.lora is None, 'the lm_head is a plain projection'
+    w = head.kernel[...]   # [D, V]
+    x2d = x.astype(head.dtype).reshape(-1, x.shape[-1])
+    step = -(-w.shape[1] // n)
+    outs, after = [], x2d
+    for a in range(0, w.shape[1], step):
+      # the barrier ties this slice to the previous dot's output: converted only after it
+      part, _ = jax.lax.optimization_barrier((w[:, a:a + step], after))
+      after = x2d @ part.astype(head.dtype)
+      outs.append(after)
+    return jnp.concatenate(outs, axis=1).reshape(*x.shape[:-1], w.shape[1])
 
   def layer_list(self) -> list:
     """The blocks one by one (scanned layers: per-layer views of the stacked parameters)."""

@@ -459,3 +459,59 @@ def test_precompiled_programs_give_the_same_tokens_and_nothing_compiles_after(ti
   assert len(compiles) == 4
   for a, b in zip(out, plain):
     np.testing.assert_array_equal(a, b)
+
+
+_SLICED_TEMPS = '''
+import json
+import jax, jax.numpy as jnp
+from flax import nnx
+from configs import default, schema
+from models import build_model
+from sampling import sampler as S
+cfg = schema.apply_overrides(default.get_config('tiny'), {
+    'model.param_dtype': 'bfloat16', 'model.dtype': 'bfloat16', 'model.num_layers': 2,
+    'model.vocab_size': 32000, 'model.tie_embeddings': False})
+graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
+temps = {}
+for n in (1, 8):
+  S.LOGIT_SLICES = n
+  jax.clear_caches()
+  sampler = S.Sampler(graphdef, params, max_len=256, chunk=8)
+  sampler.compile(1, 9, 24)
+  temps[n] = [e.memory_analysis().temp_size_in_bytes for e in sampler.compiled.values()]
+print(json.dumps({'temps': temps, 'f32_head': cfg.model.d_model * 32000 * 4}))
+'''
+
+
+def test_bf16_lm_head_in_vocab_slices_same_logits_and_tokens(monkeypatch):
+  """Sampling a bf16 model computes the lm_head in LOGIT_SLICES vocab slices (XLA:CPU's f32 copy
+  of the weight then exists one slice at a time): the logits, and so the greedy tokens, equal
+  the single dot's; with sample.py's XLA flags prefill's and decode's temporaries shrink by
+  nearly the lm_head's f32 size."""
+  from configs import schema
+  cfg = schema.apply_overrides(default.get_config('tiny'), {
+      'model.param_dtype': 'bfloat16', 'model.dtype': 'bfloat16', 'model.num_layers': 2,
+      'model.vocab_size': 8000, 'model.tie_embeddings': False})
+  graphdef, params = split_model(cfg)
+  x = jax.random.normal(jax.random.key(1), (2, 5, cfg.model.d_model), jnp.bfloat16)
+  model = nnx.merge(graphdef, params)
+  whole = model.logits(x)
+  model.logit_slices = 3   # 8000 does not divide by 3: the last slice is shorter
+  np.testing.assert_array_equal(np.asarray(model.logits(x)), np.asarray(whole))
+  prompts = [np.arange(3, 12), np.arange(40, 45)]
+  runs = {}
+  for n in (1, 8):
+    monkeypatch.setattr(sampler_lib, 'LOGIT_SLICES', n)
+    jax.clear_caches()
+    runs[n] = Sampler(graphdef, params, max_len=256, chunk=8).generate(prompts,
+                                                                         max_new_tokens=24)
+  for a, b in zip(runs[1], runs[8]):
+    np.testing.assert_array_equal(a, b)
+  env = dict(os.environ, XLA_FLAGS=' '.join(hostenv.SAMPLING_XLA_CPU_FLAGS),
+             JAX_ENABLE_COMPILATION_CACHE='false', JAX_PLATFORMS='cpu')
+  r = run_cli('-c', _SLICED_TEMPS, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  t = json.loads(r.stdout.strip().splitlines()[-1])
+  for whole, sliced in zip(t['temps']['1'], t['temps']['8']):   # prefill, decode
+    # up to 7/8 of the f32 lm_head saved (prefill: its other temporaries then set the peak)
+    assert whole - sliced > 0.6 * t['f32_head'], t
