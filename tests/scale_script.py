@@ -2,7 +2,9 @@
 
 python tests/scale_script.py MODE DEVICES [ARGS] ; prints one JSON line (the last line).
   meshes:  3 train steps of the tiny model on several meshes: losses and parameter shardings.
-  reshard: save on fsdp=8, restore on 1 and 2 devices, the next step's loss on each.
+  reshard WORKDIR: save on fsdp=8, restore on 1 and 2 devices, the next step's loss on each.
+  meshes+reshard WORKDIR: both in one process ({'meshes': ..., 'reshard': ...}): one jax start,
+           and reshard's fsdp=8 and 1-device steps are meshes' programs (compilation cache hits).
   train WORKDIR [--coordinator_address=... --num_processes=N --process_id=I]: loop.train, one
            process of a (possibly multi-process) run; prints the losses of metrics.jsonl.
 XLA_FLAGS must name the device count before jax is imported, hence a script.
@@ -145,6 +147,8 @@ if __name__ == '__main__':
     result = meshes()
   elif MODE == 'reshard':
     result = reshard(sys.argv[3])
+  elif MODE == 'meshes+reshard':
+    result = {'meshes': meshes(), 'reshard': reshard(sys.argv[3])}
   elif MODE == 'train':
     result = train(sys.argv[3], sys.argv[4:])
   else:

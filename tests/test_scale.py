@@ -123,9 +123,15 @@ def _script(*args, devices=8, timeout=900):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope='module')
+def meshes_and_reshard(tmp_path_factory):
+  """One 8-device subprocess for both mesh tests (one jax start, shared compilations)."""
+  return _script('meshes+reshard', str(tmp_path_factory.mktemp('reshard')))
+
+
 @pytest.mark.slow
-def test_meshes_give_equal_losses_and_really_shard():
-  runs = _script('meshes')
+def test_meshes_give_equal_losses_and_really_shard(meshes_and_reshard):
+  runs = meshes_and_reshard['meshes']
   ref = runs['1']['losses']
   for name, run in runs.items():
     np.testing.assert_allclose(run['losses'], ref, rtol=2e-6, err_msg=name)
@@ -232,8 +238,8 @@ def test_validation_rejects_rules_with_unknown_mesh_axes(tiny_config):
 
 
 @pytest.mark.slow
-def test_restore_onto_a_different_mesh_continues_identically(tmp_path):
-  out = _script('reshard', str(tmp_path))
+def test_restore_onto_a_different_mesh_continues_identically(meshes_and_reshard):
+  out = meshes_and_reshard['reshard']
   for n in (1, 2):
     run = out[f'devices{n}']
     assert run['step'] == 2 and run['up']['devices'] == n
