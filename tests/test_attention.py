@@ -172,7 +172,9 @@ def soft_cap_reference(c, m, cap):
   return fn
 
 
-@pytest.mark.parametrize('cases', [CASES[0:16:3]])
+# Cases 6, 9, 12, 15: GQA, both window kinds, causal with T != S, query and key lengths, bias and
+# none (the cap's code path; each masking feature alone is test_matches_jax_reference_fp32's).
+@pytest.mark.parametrize('cases', [CASES[6:16:3]])
 def test_logits_soft_cap_forward_and_grads_match_reference(cases):
   """logits_soft_cap=1.5 (strongly saturating: unit-variance logits): 'xla' and 'blockwise'
   (its custom VJP included) == the written-out formula, forward and q/k/v/bias gradients;
