@@ -433,22 +433,6 @@ def _run(*args, timeout=300):
   return run_cli(*args, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
-def test_sample_cli_chat_greedy_matches_transformers(hf, imported):
-  """One sample.py run: --chat renders Gemma's chat_template.jinja, the tokenizer.json's
-  post-processor BOS is kept, and the greedy text is transformers' `generate`."""
-  model, folder = hf['gemma']
-  auto = reference_tokenizer(folder)
-  messages = [{'role': 'user', 'content': PROMPT}]
-  rendered = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-  ids = auto.encode(rendered, add_special_tokens=False)
-  new = hf_greedy(model, np.asarray([ids]), 10)[0, len(ids):].tolist()
-  new = new[:new.index(COMMON['eos_token_id'])] if COMMON['eos_token_id'] in new else new
-  r = _run('sample.py', f'--workdir={imported["gemma"]}', f'--prompt={PROMPT}', '--chat',
-           '--max_new_tokens=10', '--temperature=0')
-  assert r.returncode == 0, r.stderr
-  assert r.stdout.splitlines()[-1] == rendered + auto.decode(new, skip_special_tokens=True)
-
-
 def test_truncated_safetensors_and_unsupported_tokenizer(hf, tmp_path):
   """A cut-off model.safetensors, and slow-tokenizer files without tokenizer.json: one error
   naming the file, nothing written."""
@@ -479,24 +463,27 @@ def test_cli_reports_bad_input(hf, tmp_path):
 
 @pytest.mark.slow
 def test_cli_import_sample_finetune_export(hf, tmp_path):
-  """The user's path: CLI import, sample.py (greedy = transformers), train.py fine-tunes the
-  workdir, and the fine-tuned model exports and loads in transformers."""
+  """The user's path: CLI import, sample.py --chat (greedy = transformers), train.py fine-tunes
+  the workdir, and the fine-tuned model exports and loads in transformers. --chat renders the
+  template of tokenizer_config.json (its bos_token: the post-processor adds no second BOS); the
+  other template file (chat_template.jinja) and plain prompts are test_text_prompt_and_chat_*'s,
+  in-process, through the same prompt_ids."""
   model, folder = hf['llama']
   wd, out = str(tmp_path / 'wd'), str(tmp_path / 'out')
   r = _run('-m', 'interop.hf', f'--from_hf={folder}', f'--workdir={wd}')
   assert r.returncode == 0, r.stderr
-  prompt = 'the quick brown fox'
-  r = _run('sample.py', f'--workdir={wd}', f'--prompt={prompt}', '--max_new_tokens=12',
+  auto = reference_tokenizer(folder)
+  rendered = auto.apply_chat_template([{'role': 'user', 'content': PROMPT}],
+                                      add_generation_prompt=True, tokenize=False)
+  ids = auto.encode(rendered, add_special_tokens=False)
+  assert ids[0] == COMMON['bos_token_id'] and ids[1] != COMMON['bos_token_id']
+  r = _run('sample.py', f'--workdir={wd}', f'--prompt={PROMPT}', '--chat', '--max_new_tokens=12',
            '--temperature=0')
   assert r.returncode == 0, r.stderr
   assert r.stderr == ''   # no library noise (orbax warned on every run before)
-  tok = reference_tokenizer(folder)
-  ids = tok.encode(prompt)   # with the BOS its post-processor adds
-  assert ids[0] == COMMON['bos_token_id']
   new = hf_greedy(model, np.asarray([ids]), 12)[0, len(ids):].tolist()
-  ours = make_tokenizer(os.path.join(wd, 'tokenizer.json'))
-  stop = new.index(ours.eos_id) if ours.eos_id in new else len(new)
-  assert r.stdout.splitlines()[-1] == prompt + ours.decode(np.asarray(new[:stop]))
+  new = new[:new.index(COMMON['eos_token_id'])] if COMMON['eos_token_id'] in new else new
+  assert r.stdout.splitlines()[-1] == rendered + auto.decode(new, skip_special_tokens=True)
   (tmp_path / 'corpus.txt').write_text(TEXT * 30)
   r = _run('train.py', f'--config=configs/finetune.py:{wd}', f'--workdir={wd}',
            '--config.data.corpus=files', f'--config.data.files={tmp_path / "corpus.txt"}',
