@@ -32,6 +32,19 @@ def random_tokens(key, shape, vocab=256):
   return jax.random.randint(jax.random.key(key), shape, 0, vocab)
 
 
+# Whole-model calls compiled as one program: op-by-op (eager) execution compiles every
+# primitive at every shape, which cost these tests several times more CPU.
+@nnx.jit
+def forward(model, sources, targets, rng=None):
+  """model(sources [B, S], targets [B, T]) -> logits [B, T, V]."""
+  return model(sources, targets, rng=rng)
+
+
+@nnx.jit
+def encode(model, sources):
+  return model.encode(sources)
+
+
 @pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
 def test_cross_attention_equals_einsum_softmax_reference(num_kv_heads):
   cfg = ModelConfig.from_config(config(overrides={'model.num_kv_heads': num_kv_heads}).model)
@@ -68,24 +81,26 @@ def test_source_padding_changes_nothing(arch):
   sources = sources.at[1, 4:].set(pad)            # rows of different real lengths
   targets = random_tokens(1, (3, 5))
   padded = jnp.concatenate([sources, jnp.full((3, 4), pad, sources.dtype)], axis=1)
-  np.testing.assert_allclose(model(padded, targets), model(sources, targets), atol=1e-5)
-  enc_a, mask_a = model.encode(sources)
-  enc_b, _ = model.encode(padded)
+  np.testing.assert_allclose(forward(model, padded, targets), forward(model, sources, targets),
+                             atol=1e-5)
+  enc_a, mask_a = encode(model, sources)
+  enc_b, _ = encode(model, padded)
   real = np.asarray(mask_a)
   np.testing.assert_allclose(np.asarray(enc_b[:, :6])[real], np.asarray(enc_a)[real], atol=1e-5)
   # and the pad id really is what is masked: a non-pad token there does change the output
   other = padded.at[:, -1].set((pad + 1) % cfg.model.vocab_size)
-  assert float(jnp.max(jnp.abs(model(other, targets) - model(padded, targets)))) > 1e-5
+  changed = forward(model, other, targets) - forward(model, padded, targets)
+  assert float(jnp.max(jnp.abs(changed))) > 1e-5
 
 
 @pytest.mark.parametrize('arch', ARCHS)
 def test_encoder_is_bidirectional_and_decoder_causal(arch):
   model = build_model(config(f'addition,{arch},tiny'), nnx.Rngs(0))
   sources, targets = random_tokens(0, (2, 6)), random_tokens(1, (2, 5))
-  base = model(sources, targets)
-  later_source = model(sources.at[:, 5].set((sources[:, 5] + 1) % 256), targets)
+  base = forward(model, sources, targets)
+  later_source = forward(model, sources.at[:, 5].set((sources[:, 5] + 1) % 256), targets)
   assert float(jnp.max(jnp.abs(later_source[:, 0] - base[:, 0]))) > 1e-5
-  later_target = model(sources, targets.at[:, 3].set((targets[:, 3] + 1) % 256))
+  later_target = forward(model, sources, targets.at[:, 3].set((targets[:, 3] + 1) % 256))
   np.testing.assert_allclose(later_target[:, :3], base[:, :3], atol=1e-6)
 
 
@@ -321,7 +336,7 @@ def test_cached_decode_logits_equal_full_forward(arch):
   pad = cfg.model.pad_id
   sources = random_tokens(0, (2, 7)).at[1, 5:].set(pad)
   targets = random_tokens(1, (2, 6))
-  full = model(sources, targets)
+  full = forward(model, sources, targets)
   decoder = model.decoder
   context = decoder.context_caches(*model.encode(sources))
   cache = decoder.init_cache(2, 6)
@@ -373,11 +388,12 @@ def test_dropout_only_with_a_training_key(arch):
   plain = build_model(config(f'addition,{arch},tiny'), nnx.Rngs(0))
   assert model.uses_rng and not plain.uses_rng
   sources, targets = random_tokens(0, (2, 6)), random_tokens(1, (2, 5))
-  np.testing.assert_allclose(model(sources, targets), plain(sources, targets), atol=1e-6)
-  a = model(sources, targets, rng=jax.random.key(1))
-  np.testing.assert_array_equal(a, model(sources, targets, rng=jax.random.key(1)))
-  assert float(jnp.max(jnp.abs(a - plain(sources, targets)))) > 1e-3
-  assert float(jnp.max(jnp.abs(a - model(sources, targets, rng=jax.random.key(2))))) > 1e-3
+  np.testing.assert_allclose(forward(model, sources, targets), forward(plain, sources, targets),
+                             atol=1e-6)
+  a = forward(model, sources, targets, jax.random.key(1))
+  np.testing.assert_array_equal(a, forward(model, sources, targets, jax.random.key(1)))
+  assert float(jnp.max(jnp.abs(a - forward(plain, sources, targets)))) > 1e-3
+  assert float(jnp.max(jnp.abs(a - forward(model, sources, targets, jax.random.key(2))))) > 1e-3
 
 
 def test_train_step_draws_dropout_from_the_state_rng():
