@@ -45,6 +45,12 @@ def encode(model, sources):
   return model.encode(sources)
 
 
+@nnx.jit
+def decode_step(decoder, token, position, cache, index, context):
+  """One cached decoder step: token [B, 1] -> (logits [B, 1, V], the updated cache)."""
+  return decoder(token, position, cache=cache, cache_index=index, context_cache=context)
+
+
 @pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
 def test_cross_attention_equals_einsum_softmax_reference(num_kv_heads):
   cfg = ModelConfig.from_config(config(overrides={'model.num_kv_heads': num_kv_heads}).model)
@@ -341,8 +347,8 @@ def test_cached_decode_logits_equal_full_forward(arch):
   context = decoder.context_caches(*model.encode(sources))
   cache = decoder.init_cache(2, 6)
   for i in range(6):
-    logits, cache = decoder(targets[:, i:i + 1], jnp.full((2, 1), i), cache=cache,
-                            cache_index=jnp.int32(i), context_cache=context)
+    logits, cache = decode_step(decoder, targets[:, i:i + 1], jnp.full((2, 1), i), cache,
+                                jnp.int32(i), context)
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-5, err_msg=f'step {i}')
 
 
@@ -404,8 +410,8 @@ def test_train_step_draws_dropout_from_the_state_rng():
   batch = next(iter(seq2seq_data.load(cfg, ByteTokenizer()).train))
   model = nnx.merge(s.graphdef, state.params)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
-  loss_sum, weight_sum = loop.model_loss(model, batch, key)
-  no_drop = loop.model_loss(model, batch)
+  loss_sum, weight_sum = nnx.jit(loop.model_loss)(model, batch, key)
+  no_drop = nnx.jit(loop.model_loss)(model, batch)
   _, metrics = s.train_step(state, batch)
   assert float(metrics['loss']) == pytest.approx(float(loss_sum / weight_sum), rel=1e-5)
   assert abs(float(metrics['loss']) - float(no_drop[0] / no_drop[1])) > 1e-4
