@@ -262,7 +262,7 @@ def test_beam_search_with_room_for_every_candidate_equals_exhaustive_search(alph
     def logp_fn(targets, row=row):
       inputs = np.concatenate([np.full((len(targets), 1), bos), targets[:, :-1]], 1)
       src = jnp.repeat(sources[row:row + 1], len(targets), axis=0)
-      return jax.nn.log_softmax(model(src, jnp.asarray(inputs)), axis=-1)
+      return jax.nn.log_softmax(forward(model, src, jnp.asarray(inputs)), axis=-1)
     want = exhaustive(logp_fn, n, vocab, eos, alpha)
     assert len(want) == width
     got = [(tuple(np.asarray(s)[:l].tolist()), float(sc))
@@ -281,7 +281,7 @@ def test_narrow_beam_stops_early_and_keeps_its_best():
       graphdef, params, sources, beam_size=2, max_len=5, bos_id=257, eos_id=258, alpha=0.6)
   assert np.all(np.isfinite(scores)) and np.all(np.diff(np.asarray(scores), axis=1) <= 0)
   inputs = jnp.concatenate([jnp.full((2, 1), 257), seqs[:, 0, :-1]], 1)
-  logp = jax.nn.log_softmax(model(sources, inputs), -1)
+  logp = jax.nn.log_softmax(forward(model, sources, inputs), -1)
   token_logp = jnp.take_along_axis(logp, seqs[:, 0, :, None], -1)[..., 0]
   for row in range(2):
     l = int(lengths[row, 0])
