@@ -30,6 +30,9 @@ hostenv.ensure_fast_malloc()
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.llama_pair import (our_config, random_tokens, torch_loss,  # noqa: E402
+                                   torch_model_and_optimizer)
+
 _PAIRS = flags.DEFINE_integer('pairs', 7, 'Interleaved (ours, torch) timing pairs.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Train steps timed per side in each pair.')
 _LAYERS = flags.DEFINE_integer('layers', 4, 'Decoder layers.')
@@ -41,17 +44,10 @@ _THREADS = flags.DEFINE_integer(
     'load-sensitive comparison on a shared machine (no thread pool waits for a descheduled peer).')
 _WORKER = flags.DEFINE_bool('torch_worker', False, 'Internal: serve torch steps on stdin/stdout.')
 
-VOCAB = 384
-
-
 def shape() -> dict:
   d = _D_MODEL.value
   return dict(layers=_LAYERS.value, d_model=d, heads=d // 32, kv_heads=d // 128, mlp=3 * d,
               batch=_BATCH.value, seq=_SEQ.value)
-
-
-def random_tokens(seed: int, batch: int, seq: int) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (batch, seq + 1), np.int32)
 
 
 # ---------------------------------------------------------------- torch worker (its own process)
@@ -62,20 +58,11 @@ def torch_worker(sh: dict) -> None:
   if _THREADS.value:
     os.sched_setaffinity(0, range(_THREADS.value))
     torch.set_num_threads(_THREADS.value)
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=sh['d_model'], intermediate_size=sh['mlp'],
-      num_hidden_layers=sh['layers'], num_attention_heads=sh['heads'],
-      num_key_value_heads=sh['kv_heads'], max_position_embeddings=sh['seq'], rms_norm_eps=1e-6,
-      tie_word_embeddings=True, attn_implementation='sdpa')
-  model = transformers.LlamaForCausalLM(cfg)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+  model, opt = torch_model_and_optimizer(sh)
 
   def step(seed: int) -> float:
     tokens = torch.from_numpy(random_tokens(seed, sh['batch'], sh['seq'])).long()
-    logits = model(input_ids=tokens[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    loss = torch_loss(model, tokens)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,14 +89,9 @@ def our_step(sh: dict):
   """A `run(n) -> (seconds, CPU seconds)` closure over our jitted train step (compiled and
   warmed up)."""
   import jax
-  from configs import default, schema
   from training import loop
   from training import mesh as mesh_lib
-  cfg = schema.validate(schema.apply_overrides(default.get_config('small'), {
-      'model.num_layers': sh['layers'], 'model.d_model': sh['d_model'],
-      'model.num_heads': sh['heads'], 'model.num_kv_heads': sh['kv_heads'],
-      'model.mlp_dim': sh['mlp'], 'model.max_len': sh['seq'], 'data.seq_len': sh['seq'],
-      'train.batch_size': sh['batch'], 'train.steps': 10_000, 'mesh.data': 1}))
+  cfg = our_config(sh)
   s = loop.setup(cfg, jax.devices()[:1])
   state = [s.init_state()]
 
