@@ -32,14 +32,15 @@ hostenv.ensure_fast_malloc()
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.llama_pair import (our_config, random_tokens, torch_loss,  # noqa: E402
+                                   torch_model_and_optimizer)
+
 _THREADS = flags.DEFINE_integer('threads', 1, 'Cores (and threads) for each side.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed repetitions of each phase.')
 _ATTENTION = flags.DEFINE_string('attention', 'auto', 'Our model.attention.')
 
-B, T, V = 16, 256, 384
-SHAPE = {'model.num_layers': 4, 'model.d_model': 256, 'model.num_heads': 8,
-         'model.num_kv_heads': 2, 'model.mlp_dim': 768, 'model.max_len': T, 'data.seq_len': T,
-         'train.batch_size': B, 'train.steps': 10_000, 'mesh.data': 1}
+SHAPE = dict(layers=4, d_model=256, heads=8, kv_heads=2, mlp=768, batch=16, seq=256)
+B, T = SHAPE['batch'], SHAPE['seq']
 # Our parts, by the innermost model function on an op's stack (first match wins).
 PARTS = (('attention core', ('causal_attention', '_forward', '_bwd', 'head_major_attention',
                              'attention_mask', 'blockwise_attention')),
@@ -65,10 +66,6 @@ def median_ms(fn, n):
   return 1e3 * float(np.median(times))
 
 
-def tokens(seed):
-  return np.random.default_rng(seed).integers(0, 256, (B, T + 1), np.int32)
-
-
 def print_parts(title, durations: dict, total_note: str):
   total = sum(durations.values())
   print(f'  {title} ({total_note}):')
@@ -79,15 +76,13 @@ def print_parts(title, durations: dict, total_note: str):
 def ours(steps: int):
   import jax
   from flax import nnx
-  from configs import default, schema
   import optax
   from training import loop, optim
   from training import mesh as mesh_lib
-  cfg = schema.validate(schema.apply_overrides(default.get_config('small'), {
-      **SHAPE, 'model.attention': _ATTENTION.value}))
+  cfg = our_config(SHAPE, _ATTENTION.value)
   s = loop.setup(cfg, jax.devices()[:1])
   state = s.init_state()
-  t = tokens(0)
+  t = random_tokens(0, B, T)
   batch = mesh_lib.put_batch({'inputs': t[:, :-1], 'targets': t[:, 1:],
                               'weights': np.ones((B, T), np.float32)}, s.mesh)
   loss = lambda p: loop.model_loss(nnx.merge(s.graphdef, p), batch)[0]
@@ -104,13 +99,12 @@ def ours(steps: int):
     holder[0], m = s.train_step(holder[0], batch)
     jax.block_until_ready(m)
 
-  for f in (lambda: jax.block_until_ready(fwd(holder[0].params)),
-            lambda: jax.block_until_ready(fwd_bwd(holder[0].params)), step):
+  phases = (lambda: jax.block_until_ready(fwd(holder[0].params)),
+            lambda: jax.block_until_ready(fwd_bwd(holder[0].params)),
+            lambda: jax.block_until_ready(update(holder[0].params, holder[0].opt_state, grads)))
+  for f in (*phases, step):   # compile and warm up each program before any timing
     f()
-  f_ms = median_ms(lambda: jax.block_until_ready(fwd(holder[0].params)), steps)
-  fb_ms = median_ms(lambda: jax.block_until_ready(fwd_bwd(holder[0].params)), steps)
-  o_ms = median_ms(lambda: jax.block_until_ready(update(holder[0].params, holder[0].opt_state,
-                                                       grads)), steps)
+  f_ms, fb_ms, o_ms = (median_ms(f, steps) for f in phases)
   step_ms = median_ms(step, steps)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -168,19 +162,10 @@ def hlo_parts(hlo: str) -> dict:
 
 def torch_side(steps: int):
   import torch
-  import transformers
   torch.set_num_threads(_THREADS.value)
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-      vocab_size=V, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=T,
-      rms_norm_eps=1e-6, tie_word_embeddings=True, attn_implementation='sdpa')
-  model = transformers.LlamaForCausalLM(cfg)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-  t = torch.from_numpy(tokens(0)).long()
-  loss_of = lambda: torch.nn.functional.cross_entropy(
-      model(input_ids=t[:, :-1]).logits.reshape(-1, V), t[:, 1:].reshape(-1))
+  model, opt = torch_model_and_optimizer(SHAPE)
+  t = torch.from_numpy(random_tokens(0, B, T)).long()
+  loss_of = lambda: torch_loss(model, t)
   phases = collections.defaultdict(list)
 
   def step(record=True):
