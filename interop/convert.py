@@ -128,7 +128,10 @@ def export_hf(workdir: str, out: str, *, dtype: str | None = None, max_shard_siz
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise InteropError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
   loaded = load_workdir(workdir)
-  params = lora.merge(loaded.params, lora.scale_of(ModelConfig.from_config(config.model))) if rank else loaded.params
+  if rank:
+    params = lora.merge(loaded.params, lora.scale_of(ModelConfig.from_config(config.model)))
+  else:
+    params = loaded.params
   specs = hf_params.tensor_specs(params)
   flat = {hf_params.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   by_name = {s.hf: s for s in specs}

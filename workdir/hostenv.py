@@ -56,8 +56,7 @@ def ensure_fast_malloc(sampling: bool = False) -> None:
   current = os.environ.get('GLIBC_TUNABLES', '')
   missing = [t for t in (SAMPLING_TUNABLES if sampling else TUNABLES)
              if t.split('=')[0] not in current]
-  if (sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc' or not missing
-      or os.environ.get('LMX_NO_REEXEC')):
+  if not _glibc() or not missing or os.environ.get('LMX_NO_REEXEC'):
     return
   env = dict(os.environ, GLIBC_TUNABLES=':'.join(t for t in (current, *missing) if t))
   sys.stdout.flush()
@@ -68,5 +67,9 @@ def ensure_fast_malloc(sampling: bool = False) -> None:
 def release_free_memory() -> None:
   """Returns the heap pages malloc holds free to the OS (glibc's malloc_trim; a no-op
   elsewhere): after restoring or compiling, glibc keeps freed pages between live blocks."""
-  if sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc':
+  if _glibc():
     ctypes.CDLL(None).malloc_trim(0)
+
+
+def _glibc() -> bool:
+  return sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
