@@ -1,19 +1,26 @@
 """Sample from a trained workdir: python sample.py --workdir=DIR --prompt=TEXT [--temperature ...].
 
 Uses the cached sampler (sampling/sampler.py); one sample is printed as it is generated.
+
+A decoder's programs are compiled in a child process (this command again, with
+--save_programs) before this process imports JAX; this process then restores the parameters
+and loads the programs, tracing and compiling nothing. Compiling a 150M model passes through
+~0.3 GB and keeps ~0.14 GB (compiler heap, code pages) in the process that compiles; that way it
+never adds to the parameters (benchmarks/import_memory.py: peak RSS of a bf16 workdir 1.78x its
+parameter bytes compiling here, 1.4x with the child).
 """
 from workdir import hostenv
 
 hostenv.ensure_fast_malloc(sampling=True)
 
-import jax
+import os
+import subprocess
+import sys
+import tempfile
+
 from absl import app, flags, logging
 
-from sampling import encdec
-from workdir.load import open_workdir, restore
-from sampling.sampler import Sampler, stream_text
-from text.chat import prompt_ids
-from workdir.files import WorkdirError
+from workdir.files import WorkdirError, load_config
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue.', required=True)
@@ -29,6 +36,13 @@ _BEAM_SIZE = flags.DEFINE_integer('beam_size', 0, 'Encoder-decoder: beam search 
                                   'beams, printing the --num_samples best (0: sample).')
 _LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'Beam search: GNMT length penalty '
                                      'alpha (0: plain log-probability).')
+_COMPILE_IN_CHILD = flags.DEFINE_bool('compile_in_child', True, 'Decoders: compile in a child '
+                                      'process first (see the module docstring); false: here, '
+                                      'after restoring the parameters.')
+_SAVE_PROGRAMS = flags.DEFINE_string('save_programs', None, 'Compile the programs this request '
+                                     'runs, write them to this file and exit (the child of '
+                                     '--compile_in_child).')
+BAD_INPUT = 3   # exit code of a --save_programs child that met bad input (reported by the parent)
 
 
 def check_flags() -> None:
@@ -48,6 +62,7 @@ def check_flags() -> None:
 
 def sample_encoder_decoder(loaded) -> None:
   """The prompt is the encoder input; prints the targets (samples or the best beams)."""
+  from sampling import encdec
   try:
     texts = encdec.complete(
         loaded.graphdef, loaded.params, loaded.tokenizer, _PROMPT.value,
@@ -63,11 +78,58 @@ def sample_encoder_decoder(loaded) -> None:
     print(text)
 
 
+def compile_in_child(folder: str) -> str | None:
+  """Runs this command with --save_programs in a child process: the programs' file, or None
+  when the child met bad input (this process reports it) or failed (a warning; this process
+  then compiles)."""
+  path = os.path.join(folder, 'programs.pkl')
+  r = subprocess.run([sys.executable, *sys.orig_argv[1:], f'--save_programs={path}',
+                      '--nocompile_in_child'], capture_output=True, text=True,
+                     env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+  if r.returncode == 0 and os.path.isfile(path):
+    return path
+  if r.returncode != BAD_INPUT:
+    last = (r.stderr.strip().splitlines() or [f'exit code {r.returncode}'])[-1]
+    print(f'warning: compiling in a child process failed ({last}); compiling here instead.',
+          file=sys.stderr)
+  return None
+
+
+def is_decoder(workdir: str) -> bool:
+  try:
+    return load_config(workdir).model.kind != 'encoder_decoder'
+  except (WorkdirError, ValueError):   # reported when the workdir is opened
+    return False
+
+
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   check_flags()
+  if _SAVE_PROGRAMS.value:
+    try:
+      return run(None)
+    except SystemExit as e:
+      if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+        sys.exit(BAD_INPUT)
+      raise
+  with tempfile.TemporaryDirectory(prefix='lmx-programs-') as folder:
+    child = _COMPILE_IN_CHILD.value and is_decoder(_WORKDIR.value)
+    run(compile_in_child(folder) if child else None)
+
+
+def run(programs: str | None) -> None:
+  """Samples as the flags ask; `programs`: the file of a --save_programs child (None: compile
+  here). With --save_programs: only compiles and writes them."""
+  # JAX is imported only now, after the child compiled (see the module docstring).
+  import jax
+  from sampling.sampler import Sampler, stream_text
+  from text.chat import prompt_ids
+  from workdir.load import open_workdir, restore
+  if _SAVE_PROGRAMS.value:   # before JAX runs anything: see Sampler.save_compiled
+    jax.config.update('jax_enable_compilation_cache', False)
   try:
     opened = open_workdir(_WORKDIR.value)
   except WorkdirError as e:
@@ -93,22 +155,19 @@ def main(argv):
     sampler.check(prompts, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   except ValueError as e:
     raise SystemExit(f'error: {str(e).replace("prompt 0", "--prompt")}') from None
-  # Below f32, the programs are compiled before the parameters are read: compiling's transient
-  # (~160 MiB for a 150M Llama) then never adds to them. It keeps ~130 MiB (executables, the
-  # compiler's code pages) through the restore, whose own transient grows with the largest
-  # parameter: for f32 compiling first raised the peak (1.51x -> 1.61x of the parameters),
-  # for bf16 it lowered it (2.38x -> 1.94x; benchmarks/import_memory.py).
-  first = all(a.dtype.itemsize < 4 for a in jax.tree.leaves(opened.abstract))
-  if first:
+  if _SAVE_PROGRAMS.value:   # against the abstract parameters: nothing is restored
     sampler.compile(len(prompts), len(ids), _MAX_NEW.value)
-    hostenv.release_free_memory()
+    return sampler.save_compiled(_SAVE_PROGRAMS.value)
   try:
     loaded = restore(opened)
   except WorkdirError as e:
     raise SystemExit(f'error: {e}') from None
   sampler.params = loaded.params
   hostenv.release_free_memory()   # the restore's freed buffers
-  if not first:
+  if programs:   # deserialized as the request reaches each, one at a time
+    sampler.load_compiled(programs)
+    logging.info('sampling with the programs compiled in a child process')
+  else:
     sampler.compile(len(prompts), len(ids), _MAX_NEW.value)
     hostenv.release_free_memory()
   if _NUM_SAMPLES.value == 1:

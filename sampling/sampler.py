@@ -19,21 +19,25 @@ step then costs O(filled length); each cache length compiles `decode_chunk` once
 controls are traced: changing them never recompiles. Step i samples with
 `fold_in(key(seed), i)`, so results do not depend on the chunk size. `Sampler.compile` builds a
 request shape's programs ahead of time, also against abstract parameters (`Sampler.schedule`
-lists the cache lengths a request uses).
+lists the cache lengths a request uses); `save_compiled` / `load_compiled` move them between
+processes (sample.py compiles in a child process).
 """
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.experimental import serialize_executable
 
 from models import kv_cache
 from models.kv_cache import LayerCache
 from sampling.rules import sample_tokens
+from workdir import hostenv
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -161,7 +165,8 @@ class Sampler:
 
   `compile` builds a request shape's programs ahead of time; `params` may then still be
   abstract (jax.ShapeDtypeStruct leaves, e.g. checkpoints.abstract_params) and be set to the
-  real ones afterwards, so that compiling never overlaps holding the parameters (sample.py).
+  real ones afterwards, so that compiling never overlaps holding the parameters; sample.py
+  compiles in a child process and loads the programs (`save_compiled`, `load_compiled`).
   Requests of another shape fall back to the jitted functions.
   """
 
@@ -171,6 +176,7 @@ class Sampler:
     self.max_len, self.eos_id, self.pad_id = max_len, eos_id, pad_id
     self.chunk, self.min_bucket = chunk, min_bucket
     self.compiled: dict[tuple, jax.stages.Compiled] = {}
+    self._serialized: dict[tuple, tuple] = {}   # load_compiled's programs, by compiled's keys
 
   def layout(self, prompt_len: int, max_new_tokens: int) -> tuple[int, list[int]]:
     """(prompt bucket P, the cache lengths a request may use: `kv_cache.view_sizes`) for its
@@ -218,12 +224,38 @@ class Sampler:
       self.compiled[('decode', batch, length, self.chunk)] = decode_chunk.lower(
           g, self.params, state, chunk=self.chunk).compile()
 
+  def save_compiled(self, path: str) -> None:
+    """Writes the programs `compile` built to `path` (serialized executables), for
+    `load_compiled` in a process with the same devices, jax version and XLA flags. XLA:CPU
+    serializes completely only in a process that has not loaded programs from jax's persistent
+    compilation cache (kernels they share are missing), and only programs not run yet."""
+    with open(path, 'wb') as f:
+      pickle.dump({key: serialize_executable.serialize(exe)
+                   for key, exe in self.compiled.items()}, f)
+
+  def load_compiled(self, path: str) -> None:
+    """Adds the programs `save_compiled` wrote to `path` (a file this program wrote itself: it
+    is unpickled). Nothing is traced or compiled. Each is deserialized when a request first runs
+    it and released once the request has moved past it (prefill after prefill, a decode
+    program when the cache grows): one in memory at a time, ~35 MiB each for a 150M model."""
+    with open(path, 'rb') as f:
+      self._serialized.update(pickle.load(f))
+
   def _run(self, key: tuple, fn, *args, **static):
-    """fn(graphdef, params, *args, **static), by the program `compile` made for `key` if any."""
+    """fn(graphdef, params, *args, **static), by the program `compile` made (or
+    `load_compiled` added) for `key` if any."""
     exe = self.compiled.get(key)
+    if exe is None and key in self._serialized:
+      exe = self.compiled[key] = serialize_executable.deserialize_and_load(*self._serialized[key])
+      hostenv.release_free_memory()   # deserializing's scratch
     if exe is not None:
       return exe(self.params, *args)
     return fn(self.graphdef, self.params, *args, **static)
+
+  def _done_with(self, key: tuple) -> None:
+    """Releases a deserialized program (`load_compiled`) the request no longer needs."""
+    if key in self._serialized and self.compiled.pop(key, None) is not None:
+      hostenv.release_free_memory()
 
   def check(self, prompts: Sequence[Sequence[int]], max_new_tokens, temperature: float,
             top_k: int, top_p: float) -> tuple[list[np.ndarray], np.ndarray]:
@@ -269,23 +301,28 @@ class Sampler:
     put = lambda x, dtype: jax.device_put(np.asarray(x, dtype))
     controls = SamplingControls(temperature=put(temperature, np.float32),
                                 top_k=put(top_k, np.int32), top_p=put(top_p, np.float32))
+    pre = ('prefill', b, p, allocated)
     state, first = self._run(
-        ('prefill', b, p, allocated), prefill, put(tokens, np.int32),
-        put([a.size for a in arrays], np.int32), put(max_new, np.int32),
-        put(np.full((b,), -1 if eos is None else eos), np.int32), controls, put(seed, np.int32),
-        cache_len=allocated)
+        pre, prefill, put(tokens, np.int32), put([a.size for a in arrays], np.int32),
+        put(max_new, np.int32), put(np.full((b,), -1 if eos is None else eos), np.int32),
+        controls, put(seed, np.int32), cache_len=allocated)
+    self._done_with(pre)
     if max_new.max() == 0:
       return
     yield np.asarray(first)[:, None]
     while not bool(np.all(np.asarray(state.done))):   # a chunk ends early only when all are
       if self.cache_len(sizes, index) > allocated:
         before, allocated = allocated, self.cache_len(sizes, index)
-        state = state.replace(cache=self._run(('grow', b, before, allocated), grow_cache,
-                                              state.cache, cache_len=allocated))
+        self._done_with(('decode', b, before, self.chunk))
+        grow = ('grow', b, before, allocated)
+        state = state.replace(cache=self._run(grow, grow_cache, state.cache,
+                                              cache_len=allocated))
+        self._done_with(grow)
       state, out = self._run(('decode', b, allocated, self.chunk), decode_chunk, state,
                              chunk=self.chunk)
       index += self.chunk
       yield np.asarray(out)
+    self._done_with(('decode', b, allocated, self.chunk))
 
   def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[np.ndarray]:
     """One 1-D int32 array of new tokens per prompt, without the stop token. Args: `stream`."""

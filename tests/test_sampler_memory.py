@@ -1,6 +1,7 @@
 """Sampling memory: what XLA:CPU keeps as temporaries for a bf16 model's prefill and decode
 (sample.py's flags, the decode loop's converts, the lm_head in vocab slices), read from the
-compiled programs' memory analysis against the model's f32 weight sizes."""
+compiled programs' memory analysis against the model's f32 weight sizes; sample.py's programs
+compiled in a child process; parameters restored in groups."""
 import json
 import os
 
@@ -14,7 +15,8 @@ from models import build_model
 from sampling import sampler as sampler_lib
 from sampling.sampler import Sampler
 from tests.conftest import run_cli
-from workdir import hostenv
+from workdir import checkpoints, hostenv
+from workdir.load import load_workdir
 
 
 def _compiled_temporaries(script: str) -> dict:
@@ -112,3 +114,74 @@ def test_bf16_lm_head_in_vocab_slices_same_logits_and_tokens(monkeypatch):
   for whole, sliced in zip(t['temps']['1'], t['temps']['8']):   # prefill, decode
     # up to 7/8 of the f32 lm_head saved (prefill: its other temporaries then set the peak)
     assert whole - sliced > 0.6 * t['f32_head'], t
+
+
+def test_sample_py_compiles_in_a_child_process_with_the_same_output(trained, tmp_path):
+  """sample.py compiles a decoder's programs in a child process (`--save_programs`) and loads
+  them: the same samples as compiling in-process; bad input met by the child is reported once,
+  by the parent. The saved programs, loaded into a Sampler, make the jit path's tokens, compile
+  nothing, and are released after each request."""
+  _, workdir = trained
+  args = ('sample.py', f'--workdir={workdir}', '--prompt=def ', '--max_new_tokens=40',
+          '--num_samples=2', '--temperature=0.8', '--seed=4')
+  here = run_cli(*args, '--nocompile_in_child')
+  child = run_cli(*args, '--verbosity=0')
+  assert here.returncode == 0 and child.returncode == 0, here.stderr[-2000:] + child.stderr[-2000:]
+  assert 'programs compiled in a child process' in child.stderr
+  assert 'warning' not in child.stderr
+  assert child.stdout == here.stdout and here.stdout.count('--- sample') == 2
+
+  too_long = run_cli('sample.py', f'--workdir={workdir}', '--prompt=' + 'x' * 300)
+  assert too_long.returncode == 1
+  assert too_long.stderr.count('error:') == 1 and '--prompt' in too_long.stderr, too_long.stderr
+  assert 'warning' not in too_long.stderr
+
+  programs = str(tmp_path / 'programs')
+  saved = run_cli(*args, f'--save_programs={programs}', '--nocompile_in_child',
+                  env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+  assert saved.returncode == 0 and saved.stdout == '', saved.stderr[-2000:]
+  loaded = load_workdir(workdir)
+  prompts = [np.frombuffer(b'def ', np.uint8).astype(np.int32)] * 2
+  kw = dict(max_new_tokens=40, temperature=0.8, seed=4)
+  plain = Sampler(loaded.graphdef, loaded.params, max_len=256).generate(prompts, **kw)
+  sampler = Sampler(loaded.graphdef, loaded.params, max_len=256)
+  sampler.load_compiled(programs)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  for _ in range(2):
+    out = sampler.generate(prompts, **kw)
+    assert sampler.compiled == {} and compiles == []
+    for a, b in zip(out, plain):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_compile_child_is_reported_and_sampling_goes_on():
+  """`compile_in_child`: a child that fails yields a one-line warning (its last stderr line)
+  and None (sample.py then compiles in-process); a child that met bad input (exit BAD_INPUT)
+  yields None silently, the parent reporting the error itself."""
+  script = (
+      'import sys, tempfile, sample\n'
+      'for child in ("sys.exit(\'boom\')", f"sys.exit({sample.BAD_INPUT})"):\n'
+      '  sys.orig_argv = [sys.executable, "-c", "import sys; " + child]\n'
+      '  print(sample.compile_in_child(tempfile.mkdtemp()))\n')
+  r = run_cli('-c', script)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ['None', 'None']
+  assert r.stderr.strip().splitlines() == [
+      'warning: compiling in a child process failed (boom); compiling here instead.']
+
+
+def test_parameters_restored_in_groups_equal_one_restore(trained):
+  """checkpoints.restore_item reads the parameters in groups of GROUP_BYTES (one orbax partial
+  restore each): the same tree, bit for bit, as one group of all of them."""
+  _, workdir = trained
+  step = checkpoints.step_dir(workdir, checkpoints.steps(workdir)[-1])
+  abstract = checkpoints.abstract_params(load_workdir(workdir).config)[1]
+  one = checkpoints.restore_item(step, abstract, group_bytes=1 << 40)
+  each = checkpoints.restore_item(step, abstract, group_bytes=1)   # a group per parameter
+  assert jax.tree.structure(one) == jax.tree.structure(each) == jax.tree.structure(abstract)
+  assert len(jax.tree.leaves(one)) > 10
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(each)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -124,14 +124,40 @@ def _in_flight_gb(params) -> float:
   return (largest + (1 << 20)) / 1e9
 
 
-def restore_item(path: str, abstract_params, name: str = PARAMS):
+# Parameters are read in groups of about this many bytes (or one parameter, if larger), each
+# its own orbax restore: a 150M bf16 Llama restored in one call peaked 40-110 MiB above its
+# parameters, in ~64 MiB groups 25-45 MiB (reading buffers of one group at a time).
+GROUP_BYTES = 64 << 20
+
+
+def _groups(abstract_params, limit: int) -> list[list[tuple]]:
+  """The (path, leaf) pairs of the nnx.State `abstract_params` in consecutive groups of at most
+  `limit` bytes (a larger parameter alone)."""
+  groups, size = [[]], 0
+  for path, leaf in nnx.to_flat_state(abstract_params):
+    nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+    if groups[-1] and size + nbytes > limit:
+      groups.append([])
+      size = 0
+    groups[-1].append((path, leaf))
+    size += nbytes
+  return groups
+
+
+def restore_item(path: str, abstract_params, name: str = PARAMS, group_bytes: int = GROUP_BYTES):
   """The `name` item of step directory `path`, into the shapes/shardings of the abstract
-  nnx.State `abstract_params`."""
-  item = os.path.join(path, name)
-  handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_in_flight_gb(abstract_params))
-  check_param_shapes(abstract_params, handler.metadata(epath.Path(item)).tree)
+  nnx.State `abstract_params`; read in groups of about `group_bytes` (see GROUP_BYTES)."""
+  item = epath.Path(os.path.join(path, name))
+  check_param_shapes(abstract_params, ocp.StandardCheckpointHandler().metadata(item).tree)
+  handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_in_flight_gb(abstract_params))
+  restored = []
   with ocp.Checkpointer(handler) as checkpointer:
-    return checkpointer.restore(item, args=ocp.args.StandardRestore(abstract_params))
+    for group in _groups(abstract_params, group_bytes):
+      part = nnx.from_flat_state(group)
+      restored += nnx.to_flat_state(checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+          item=part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
+          partial_restore=True)))
+  return nnx.from_flat_state(restored)
 
 
 def _zeros(abstract):

@@ -21,6 +21,7 @@ weight). jax 0.10 ignores this option in `jax.jit(compiler_options=...)`, hence 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import platform
 import sys
@@ -66,7 +67,10 @@ def ensure_fast_malloc(sampling: bool = False) -> None:
 
 def release_free_memory() -> None:
   """Returns the heap pages malloc holds free to the OS (glibc's malloc_trim; a no-op
-  elsewhere): after restoring or compiling, glibc keeps freed pages between live blocks."""
+  elsewhere): after restoring or compiling, glibc keeps freed pages between live blocks.
+  Collects Python's garbage first: a restore leaves reading buffers in reference cycles (150M
+  bf16 Llama: 25-45 MiB more released)."""
+  gc.collect()
   if _glibc():
     ctypes.CDLL(None).malloc_trim(0)
 
