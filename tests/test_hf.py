@@ -237,18 +237,32 @@ def test_bfloat16_import_is_the_float32_one_rounded(hf, imported, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
 
 
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope='module')
+def samplers(imported):
+  """{family: (loaded workdir, its cached Sampler)}. The greedy and text-prompt tests send it
+  requests of one shape (2 prompts of <= 16 tokens, NEW_TOKENS each): one compile per family."""
+  out = {}
+  for family, workdir in imported.items():
+    loaded = load_workdir(workdir)
+    out[family] = loaded, Sampler(loaded.graphdef, loaded.params,
+                                  max_len=loaded.config.model.max_len, chunk=8)
+  return out
+
+
 @pytest.mark.parametrize('family', FAMILIES)
-def test_greedy_generation_matches_transformers(hf, imported, family):
+def test_greedy_generation_matches_transformers(hf, samplers, family):
   prompt = np.random.RandomState(1).randint(4, 128, (2, 8))
-  expected = hf_greedy(hf[family][0], prompt, 32)
-  loaded = load_workdir(imported[family])
+  expected = hf_greedy(hf[family][0], prompt, NEW_TOKENS)
+  loaded, sampler = samplers[family]
   ours = generate_reference(loaded.graphdef, loaded.params, jnp.asarray(prompt, jnp.int32),
-                            jax.random.key(0), max_new_tokens=32)
+                            jax.random.key(0), max_new_tokens=NEW_TOKENS)
   assert expected.shape == (2, 40)
   np.testing.assert_array_equal(np.asarray(ours), expected)
   # The cached sampler (what sample.py uses); Mistral's window of 8 makes its ring cache wrap.
-  cached = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len,
-                   chunk=8).generate(list(prompt), max_new_tokens=32)
+  cached = sampler.generate(list(prompt), max_new_tokens=NEW_TOKENS)
   np.testing.assert_array_equal(np.stack(cached), expected[:, 8:])
 
 
@@ -265,20 +279,21 @@ def reference_tokenizer(folder):
 
 
 @pytest.mark.parametrize('family', FAMILIES)
-def test_text_prompt_and_chat_match_transformers(hf, imported, family):
+def test_text_prompt_and_chat_match_transformers(hf, samplers, family):
   """sample.py's path (prompt_ids, then the cached sampler) on a text prompt: the same ids as
   transformers' tokenizer (BOS from the post-processor, add_bos_token or sentencepiece), the
   same greedy continuation as its `generate`; --chat renders and encodes as
   `apply_chat_template`."""
   model, folder = hf[family]
-  loaded = load_workdir(imported[family])
+  loaded, sampler = samplers[family]
   auto = reference_tokenizer(folder)
   text, ids = prompt_ids(loaded.tokenizer, PROMPT)
   assert text == PROMPT and ids.tolist() == auto.encode(PROMPT)
   assert (ids[0] == 1) == (TOKENIZERS[family][0] is not None)   # BOS where transformers adds it
-  sampler = Sampler(loaded.graphdef, loaded.params, max_len=loaded.config.model.max_len)
-  [new] = sampler.generate([ids], max_new_tokens=12)
-  np.testing.assert_array_equal(new, hf_greedy(model, np.asarray([ids]), 12)[0, len(ids):])
+  # Twice, in the greedy test's request shape (its programs, already compiled).
+  want = hf_greedy(model, np.asarray([ids]), NEW_TOKENS)[0, len(ids):]
+  for new in sampler.generate([ids, ids], max_new_tokens=NEW_TOKENS):
+    np.testing.assert_array_equal(new, want)
   messages = [{'role': 'user', 'content': PROMPT}]
   if TOKENIZERS[family][1] is None:
     with pytest.raises(ValueError, match='--chat: .*no chat template'):
