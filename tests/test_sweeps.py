@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -228,9 +229,13 @@ def test_local_sweep_end_to_end(local_sweep):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_and_repeats_the_same_losses(local_sweep):
+  """The local sweep's finished first trial (copied) is skipped; the second is killed after its
+  step-50 checkpoint, the sweep rerun resumes it, and its losses are the uninterrupted ones."""
   tmp, path, reference = local_sweep
   first, second = [t.name for t in spec.load(path).trials]
   workdir = str(tmp / 'killed')
+  shutil.copytree(os.path.join(reference, first), os.path.join(workdir, first))
+  first_mtime = os.path.getmtime(os.path.join(workdir, first, 'metrics.jsonl'))
   proc = sweep_cli(f'--sweep={path}', f'--workdir={workdir}', start_new_session=True)
   checkpoint = os.path.join(workdir, second, 'checkpoints', '50')
   deadline = time.time() + 400
@@ -240,7 +245,6 @@ def test_killed_sweep_resumes_and_repeats_the_same_losses(local_sweep):
   proc.wait()
   assert os.path.isdir(checkpoint), 'trial 2 never checkpointed'
   assert not runner.is_finished(os.path.join(workdir, second), 200), 'killed too late'
-  first_mtime = os.path.getmtime(os.path.join(workdir, first, 'metrics.jsonl'))
   rerun = sweep_cli(f'--sweep={path}', f'--workdir={workdir}')
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f'{first} (num_kv_heads=1): finished earlier, skipped' in rerun.stdout
