@@ -17,8 +17,10 @@ from sampling.reference import generate_reference
 from sweeps import runner, search, spec
 from tests.conftest import ROOT
 
+# One layer: each trial compiles its own step (the learning rate is a constant of it), and a
+# 1-layer step compiles faster; what is searched does not depend on the depth.
 BASE = {'train.steps': 12, 'train.log_every': 4, 'train.eval_every': 6,
-        'train.checkpoint_every': 6, 'train.warmup_steps': 2}
+        'train.checkpoint_every': 6, 'train.warmup_steps': 2, 'model.num_layers': 1}
 SPACE = {'train.learning_rate': ('log_uniform', 1e-4, 1e-2),
          'train.weight_decay': ('uniform', 0.0, 0.3)}
 
@@ -74,11 +76,12 @@ def read_rows(workdir):
 
 @pytest.mark.slow
 def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
-  """3 random trials on the tiny model (each compiles anew: the learning rate is a constant of
+  """2 random trials on the tiny model (each compiles anew: the learning rate is a constant of
   the compiled step). The journal already holds trial 0 'running' (a driver killed right after
-  asking): the run trains it with those parameters rather than a new draw.
-  A rerun asks nothing and trains nothing; a finished trial relaunched by its hash is skipped."""
-  path, workdir = write_search(tmp_path, num_trials=3), str(tmp_path / 'run')
+  asking): the run trains it with those parameters rather than a new draw; trial 1 is drawn.
+  A rerun asks nothing and trains nothing (and, with --samples, samples every trial); a finished
+  trial relaunched by its hash is skipped."""
+  path, workdir = write_search(tmp_path, num_trials=2), str(tmp_path / 'run')
   s = search.build(spec.load_raw(path), path)
   study = search.open_study(workdir, s)
   dists = {k: search.distribution(k, v, 'x') for k, v in s.space.items()}
@@ -90,13 +93,13 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   study = search.open_study(workdir, s)
   trials = study.trials
-  assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+  assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
   assert trials[0].params == interrupted
-  assert len({tuple(t.params.values()) for t in trials}) == 3
+  assert len({tuple(t.params.values()) for t in trials}) == 2
 
   rows = read_rows(workdir)
   losses = [float(r['eval_loss']) for r in rows]
-  assert len(rows) == 3 and losses == sorted(losses)   # sorted by the objective
+  assert len(rows) == 2 and losses == sorted(losses)   # sorted by the objective
   assert losses == pytest.approx(sorted(t.value for t in trials), abs=1e-6)
   best = min(trials, key=lambda t: t.value)
   lr = best.params['train.learning_rate']
@@ -114,10 +117,14 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
             for name in ('metrics.jsonl', 'train.log', 'run.json')}
   assert runner.run_trial(directory, 12)['skipped']
 
-  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # The rerun (one launch checks both): asks nothing and trains nothing, and with --samples
+  # samples every trial side by side.
+  again = subprocess.run(cmd + ['--samples', '--prompt=def ', '--max_new_tokens=12',
+                                '--temperature=0'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stdout + again.stderr
   assert '[trial' not in again.stdout   # nothing asked, nothing trained
-  assert len(search.open_study(workdir, s).trials) == 3
+  assert len(search.open_study(workdir, s).trials) == 2
   assert before == {name: os.path.getmtime(os.path.join(directory, name)) for name in before}
   with open(os.path.join(directory, 'run.json')) as f:
     assert len(json.load(f)['launches']) == 1
@@ -125,10 +132,6 @@ def test_random_search_finishes_reports_best_and_resumes_from_journal(tmp_path):
 
   # Side-by-side samples: the same prompt and seed from every trial, checked against the
   # reference generator.
-  sampled = subprocess.run(cmd[:2] + [f'--workdir={workdir}', '--report_only', '--samples',
-                                      '--prompt=def ', '--max_new_tokens=12', '--temperature=0'],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert sampled.returncode == 0, sampled.stdout + sampled.stderr
   with open(os.path.join(workdir, 'samples.json')) as f:
     data = json.load(f)
   assert sorted(data['trials']) == sorted(r['trial'] for r in rows)
