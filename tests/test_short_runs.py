@@ -11,7 +11,7 @@ from training import loop, optim
 from training.metrics import read_metrics
 
 SHORT = {'train.steps': 4, 'train.warmup_steps': 10, 'train.log_every': 1, 'train.eval_every': 4,
-         'train.checkpoint_every': 4}
+         'train.checkpoint_every': 4, 'model.num_layers': 1}   # 1 layer: compiles faster
 
 
 def test_short_run_schedule_is_the_warmup_cut_to_the_run(tiny_config):
