@@ -39,9 +39,10 @@ def corpus_dir(tmp_path_factory):
 
 
 def mix_config(root, weights=None, **overrides):
-  """The tiny model on a mixture of the corpus_dir sources (seq_len 16, batch 8)."""
+  """The tiny model (1 layer) on a mixture of the corpus_dir sources (seq_len 16, batch 8)."""
   c = default.get_config('tiny')
   c.data.corpus, c.data.seq_len, c.data.cache_dir = 'mixture', 16, str(root / 'cache')
+  c.model.num_layers = 1   # compiles faster; the data path is the same
   c.data.mixture = {n: {'files': str(root / n / ('*.jsonl' if n == 'b' else '*.txt')),
                         'weight': w} for n, w in (weights or WEIGHTS).items()}
   if 'b' in c.data.mixture:
