@@ -28,7 +28,8 @@ def wider_report():
 
 def test_param_count_equals_initialised_model(wider_report):
   config, report = wider_report
-  params = nnx.state(build_model(config, nnx.Rngs(0)), nnx.Param)
+  # rbg keys: the initialisation compiles in half the CPU time of threefry's.
+  params = nnx.state(build_model(config, nnx.Rngs(jax.random.key(0, impl='rbg'))), nnx.Param)
   count = sum(x.size for x in jax.tree.leaves(params))
   assert report.num_params == count == sum(report.components.values())
   assert set(report.components) == {'embed', 'final_norm', 'layers.attn', 'layers.attn_norm',
