@@ -42,18 +42,18 @@ def test_train_step_equals_hand_written_update(tiny_config):
       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))  # tiny config: no biases
   opt_state = tx.init(params)
 
-  @jax.jit
-  def loss_and_grad(p, batch):
+  @jax.jit   # one program: optax op by op compiled dozens of tiny ones
+  def reference_step(p, opt_state, batch):
     def loss_fn(p):
       logits = nnx.merge(s.graphdef, p)(batch['inputs'])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets']).mean()
-    return jax.value_and_grad(loss_fn)(p)
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return loss, optax.apply_updates(p, updates), opt_state
 
   for i in range(3):
     batch = _batch(cfg, i)
-    loss, grads = loss_and_grad(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    loss, params, opt_state = reference_step(params, opt_state, batch)
     state, m = s.train_step(state, batch)
     assert float(m['loss']) == pytest.approx(float(loss), rel=1e-5)
   assert int(state.step) == 3
