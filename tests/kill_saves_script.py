@@ -27,7 +27,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import grain  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from training import checkpoint as ckpt_lib  # noqa: E402
@@ -41,11 +40,14 @@ HOOKED = [(os, 'rename'), (os, 'replace'), (os, 'fsync'), (os, 'mkdir'), (os, 'm
 
 def state_of(step: int) -> TrainState:
   """The train state saved at `step` (what an uninterrupted run has there)."""
-  base = jnp.arange(64 * 48, dtype=jnp.float32).reshape(64, 48)
-  return TrainState(step=jnp.int32(step),
-                    params={'w': base * step, 'b': jnp.full((48,), -step, jnp.float32)},
-                    opt_state={'mu': base * (0.5 * step)},   # the train item: params its own
-                    rng=jnp.asarray([0, step], jnp.uint32))
+  base = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+  # Built in numpy, then put on the device: jnp's eager ops would each compile (in every child,
+  # half of a writer's CPU time).
+  return jax.device_put(TrainState(
+      step=np.int32(step), params={'w': base * np.float32(step), 'b': np.full((48,), -step,
+                                                                                np.float32)},
+      opt_state={'mu': base * np.float32(0.5 * step)},   # the train item: params its own
+      rng=np.asarray([0, step], np.uint32)))
 
 
 def data_iter():
@@ -118,7 +120,18 @@ def writer(workdir: str, log_fd: int, kill_at: str | None, delay: float | None,
 
 
 def rerun(workdir: str, log_fd: int) -> None:
-  """Restore, check, finish the saves, check the end; writes one JSON line."""
+  """Restore, check, finish the saves, check the end; writes one JSON line (with the traceback
+  when it fails, for the test's message)."""
+  try:
+    out = _rerun(workdir)
+  except BaseException:
+    os.write(log_fd, json.dumps({'rerun': {'error': traceback.format_exc()[-2000:]}}).encode()
+             + b'\n')
+    raise
+  os.write(log_fd, json.dumps({'rerun': out}).encode() + b'\n')
+
+
+def _rerun(workdir: str) -> dict:
   out = {}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state_of(1))
@@ -148,7 +161,7 @@ def rerun(workdir: str, log_fd: int) -> None:
   out['final_equal'] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                            zip(jax.tree.leaves(final), jax.tree.leaves(state_of(STEPS)),
                                strict=True))
-  os.write(log_fd, json.dumps({'rerun': out}).encode() + b'\n')
+  return out
 
 
 def fork(fn, *args) -> int:
