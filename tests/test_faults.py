@@ -104,8 +104,8 @@ def test_an_unchecksummed_newest_step_is_reread_before_use(tiny_config, tmp_path
 def test_the_nonfinite_count_survives_a_resume(tiny_config, tmp_path, monkeypatch):
   """max 3 in a row: steps 4-5 are bad and the run stops (SIGTERM-like) after 5; after the
   resume one more bad step (6) is the third in a row and stops the run."""
-  cfg = tiny_config({'train.steps': 12, 'train.log_every': 1, 'train.checkpoint_every': 100,
-                     'train.eval_every': 100, 'train.max_nonfinite_steps': 3})
+  cfg = tiny_config({'train.log_every': 1, 'train.checkpoint_every': 100,   # 20 steps: the
+                     'train.eval_every': 100, 'train.max_nonfinite_steps': 3})  # `trained` step
   workdir = str(tmp_path)
   _poison_steps(monkeypatch, {4, 5})
   loop.train(cfg, workdir, stop_after=5)

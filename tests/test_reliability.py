@@ -84,22 +84,22 @@ def _poison_steps(monkeypatch, steps):
 
 def test_skip_policy_counts_and_matches_run_without_the_bad_batches(tiny_config, tmp_path,
                                                                    monkeypatch):
-  cfg = tiny_config({'train.steps': 12, 'train.log_every': 1, 'train.eval_every': 100,
-                     'train.nonfinite': 'skip', 'train.max_nonfinite_steps': 1})
+  cfg = tiny_config({'train.log_every': 1, 'train.eval_every': 100,   # 20 steps: the program of
+                     'train.nonfinite': 'skip', 'train.max_nonfinite_steps': 1})   # `trained`
   bad = {3, 4, 5}
   _poison_steps(monkeypatch, bad)
   loop.train(cfg, str(tmp_path))
   lines = [m for m in metrics.read_metrics(str(tmp_path)) if 'loss' in m]
-  assert [m['skipped_steps'] for m in lines] == [float(i in bad) for i in range(1, 13)]
+  assert [m['skipped_steps'] for m in lines] == [float(i in bad) for i in range(1, 21)]
   assert all(np.isnan(m['loss']) == (m['step'] in bad) for m in lines)
   # Reference: the same jitted step over the same batches with the poisoned ones left out.
   s = loop.setup(cfg)
   state = s.init_state()
-  for i, batch in enumerate(_batches(cfg, 12), start=1):
+  for i, batch in enumerate(_batches(cfg, 20), start=1):
     if i not in bad:
       state, _ = s.train_step(state, batch)
   restored = _restore(cfg, tmp_path)
-  assert int(restored.step) == 12
+  assert int(restored.step) == 20
   _assert_trees_equal(restored.params, state.params)
   _assert_trees_equal(restored.opt_state, state.opt_state)
 
@@ -167,37 +167,38 @@ def _wait_for_step(workdir, step, proc, timeout=120):
 
 
 def test_sigterm_saves_and_rerun_completes(tmp_path):
+  """20 steps: the train step `trained` compiled (and cached) already."""
   workdir = str(tmp_path / 'run')
-  cmd = _train_cmd(workdir, '--config.train.steps=40', '--config.train.log_every=1',
-                   '--config.train.checkpoint_every=1000', '--config.train.eval_every=1000')
+  cmd = _train_cmd(workdir, '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
+                   '--config.train.eval_every=1000')
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for_step(workdir, 2, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err
   step = ckpt_lib.Checkpointer.steps(workdir)[-1]
-  assert 2 <= step < 40
+  assert 2 <= step < 20
   assert f'Stopped by SIGTERM after step {step}; checkpoint saved in {workdir}' in out + err
   assert 'To resume, run the same command again:' in out and '--workdir=' in out
   assert integrity.has_manifest(os.path.join(workdir, 'checkpoints', str(step)))
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert f'Resuming {workdir} from step {step}' in done.stdout + done.stderr
-  assert [s for s, _ in _losses(workdir)] == list(range(1, 41))
+  assert [s for s, _ in _losses(workdir)] == list(range(1, 21))
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_exactly(tiny_config, tmp_path):
   """3 SIGKILLs at seeded random moments, the same command rerun each time: the logged losses
   and the final train state are bitwise those of an uninterrupted run (in-process: the same
-  config and XLA flags as the CLI, see conftest; one jax start fewer)."""
-  over = {'train.steps': 36, 'train.log_every': 1, 'train.checkpoint_every': 2,
-          'train.eval_every': 9}
+  config and XLA flags as the CLI, see conftest; one jax start fewer). 20 steps: the programs
+  `trained` compiled (and cached) already."""
+  over = {'train.log_every': 1, 'train.checkpoint_every': 2, 'train.eval_every': 9}
   args = [f'--config.{k}={v}' for k, v in over.items()]
   ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
   loop.train(tiny_config(over), ref)
   rng = np.random.default_rng(0)
-  for target in sorted(rng.choice(np.arange(2, 34), size=3, replace=False)):
+  for target in sorted(rng.choice(np.arange(2, 18), size=3, replace=False)):
     proc = subprocess.Popen(_train_cmd(run, *args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _wait_for_step(run, int(target), proc)
@@ -207,10 +208,10 @@ def test_kill_9_at_random_moments_resumes_exactly(tiny_config, tmp_path):
     proc.wait()
   done = subprocess.run(_train_cmd(run, *args), capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  assert _losses(run) == _losses(ref) and len(_losses(ref)) == 36
+  assert _losses(run) == _losses(ref) and len(_losses(ref)) == 20
   assert _losses(run, 'eval_loss') == _losses(ref, 'eval_loss')
   cfg = ckpt_lib.load_config(ref)
-  _assert_trees_equal(_restore(cfg, run, step=36), _restore(cfg, ref, step=36))
+  _assert_trees_equal(_restore(cfg, run, step=20), _restore(cfg, ref, step=20))
 
 
 # ---------------------------------------------------------------------------- damaged checkpoints

@@ -6,6 +6,7 @@ learning-rate schedule does not depend on train.steps), else the new schedule's 
 """
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -115,19 +116,18 @@ def test_extending_a_run_from_the_command_line_equals_the_longer_run(tiny_config
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_extending_a_cosine_run_follows_the_new_schedule(tiny_config, tmp_path):
+def test_extending_a_cosine_run_follows_the_new_schedule(trained, tmp_path):
   """The documented difference: the cosine decays over train.steps, so after an extension the
-  steps already trained keep the old schedule's rates and the rest follow the new one."""
-  over = {'train.warmup_steps': 1, 'train.log_every': 1, 'train.eval_every': 100,
-          'train.checkpoint_every': 100}
+  steps already trained keep the old schedule's rates and the rest follow the new one. (A copy
+  of the `trained` run, 20 steps, extended to 40.)"""
+  old, pristine = trained
   run = str(tmp_path / 'run')
-  old = tiny_config({**over, 'train.steps': 4})
-  loop.train(old, run)
-  new = schema.apply_overrides(ckpt_lib.load_config(run), {'train.steps': 8})
+  shutil.copytree(pristine, run)
+  new = schema.apply_overrides(ckpt_lib.load_config(run), {'train.steps': 40})
   loop.train(new, run)
   rates = dict(_logged(run, 'learning_rate'))
   old_lr, new_lr = optim.learning_rate_schedule(old.train), optim.learning_rate_schedule(new.train)
-  expected = {s: float(old_lr(s - 1) if s <= 4 else new_lr(s - 1)) for s in range(1, 9)}
-  np.testing.assert_allclose([rates[s] for s in range(1, 9)],
-                             [expected[s] for s in range(1, 9)], rtol=1e-6)
-  assert abs(float(new_lr(3)) - float(old_lr(3))) > 1e-4   # the schedules do differ
+  expected = {s: float(old_lr(s - 1) if s <= 20 else new_lr(s - 1)) for s in range(1, 41)}
+  np.testing.assert_allclose([rates[s] for s in range(1, 41)],
+                             [expected[s] for s in range(1, 41)], rtol=1e-6)
+  assert abs(float(new_lr(19)) - float(old_lr(19))) > 1e-4   # the schedules do differ
