@@ -5,18 +5,16 @@ python tests/scale_script.py MODE DEVICES [ARGS] ; prints one JSON line (the las
   reshard WORKDIR: save on fsdp=8, restore on 1 and 2 devices, the next step's loss on each.
   meshes+reshard WORKDIR: both in one process ({'meshes': ..., 'reshard': ...}): one jax start,
            and reshard's fsdp=8 and 1-device steps are meshes' programs (compilation cache hits).
-XLA_FLAGS must name the device count before jax is imported, hence a script. They also compile
-with LLVM at -O0: these checks are about sharding (SPMD partitioning happens on HLO, before LLVM),
-compilation is nearly all of their cost and -O0 makes it ~3x cheaper; every run compared here
-is compiled the same way (losses at -O0 and -O2 were bitwise equal when this was measured).
+XLA_FLAGS must name the device count before jax is imported, hence a script. It inherits the
+tests' JAX_DISABLE_MOST_OPTIMIZATIONS (LLVM at -O0, tests/conftest.py): sharding is settled on HLO
+(SPMD partitioning), before LLVM, and every run compared here is compiled the same way.
 """
 import json
 import os
 import sys
 
 MODE, DEVICES = sys.argv[1], int(sys.argv[2])
-os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={DEVICES} '
-                           '--xla_backend_optimization_level=0')
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={DEVICES}'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -76,8 +76,8 @@ def _compiled_grads(cfg, tokens):
   def loss_fn(p):
     logits = nnx.merge(graphdef, p)(tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-  fn = jax.jit(jax.grad(loss_fn))
-  return fn(params), fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+  compiled = jax.jit(jax.grad(loss_fn)).lower(params).compile()   # once: run and measured
+  return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize('scanned', [True, False])
@@ -274,9 +274,9 @@ def test_two_processes_train_like_one_and_a_sigterm_to_one_stops_both(tmp_path):
           '--config.train.checkpoint_every=1000', '--config.train.warmup_steps=2',
           '--config.train.min_lr_ratio=1.0']
 
-  def env(devices):   # -O0: see tests/scale_script.py; both runs compile alike
-    return dict(os.environ, LMX_NO_REEXEC='1', JAX_PLATFORMS='cpu', XLA_FLAGS=(
-        f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'))
+  def env(devices):   # both runs compile alike (the tests' -O0: tests/conftest.py)
+    return dict(os.environ, LMX_NO_REEXEC='1', JAX_PLATFORMS='cpu',
+                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
   flags = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
   procs = [subprocess.Popen(_train_cmd(two, '--config.train.steps=500', *over, *flags,
