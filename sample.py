@@ -6,8 +6,8 @@ A decoder's programs are compiled in a child process (this command again, with
 --save_programs) before this process imports JAX; this process then restores the parameters
 and loads the programs, tracing and compiling nothing. Compiling a 150M model passes through
 ~0.3 GB and keeps ~0.14 GB (compiler heap, code pages) in the process that compiles; that way it
-never adds to the parameters (benchmarks/import_memory.py: peak RSS of a bf16 workdir 1.78x its
-parameter bytes compiling here, 1.4x with the child).
+never adds to the parameters (benchmarks/import_memory.py: peak RSS of a bf16 workdir 1.88x its
+parameter bytes compiling here, 1.40x with the child).
 """
 from workdir import hostenv
 

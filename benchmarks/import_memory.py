@@ -6,7 +6,8 @@ Makes a ~150M-parameter Llama with bf16 safetensors locally (transformers, rando
 save_pretrained), then runs, each in a child process of its own: a bare `import jax` (the
 baseline), `python -m interop.hf --from_hf` for --param_dtype float32 and bfloat16, and
 `sample.py` on each result. Prints each peak RSS (of the process tree: sample.py compiles in a
-child process) above the baseline as a multiple of the parameter bytes in the workdir's dtype. Targets: import <= 2.0x, sample.py <= 1.5x.
+child process) above the baseline as a multiple of the parameter bytes in the workdir's dtype.
+Targets: import <= 2.0x, sample.py <= 1.5x.
 Needs the `hf` extra (torch, transformers).
 """
 import argparse
@@ -24,7 +25,7 @@ TARGETS = {'import': 2.0, 'sample.py': 1.5}
 # wrapper process) and the largest sum over the command's process tree, polled every 10 ms
 # (sample.py compiles in a child process while it is itself small).
 _PEAK = r'''
-import os, resource, subprocess, sys, threading, time
+import os, resource, subprocess, sys, time
 def tree_kib(root):
   kids, rss = {}, {}
   for pid in filter(str.isdigit, os.listdir('/proc')):

@@ -11,9 +11,9 @@ settings (workdir/hostenv.py). Timing is
 interleaved: each pair times `--steps` steps of ours, then of torch's (the order alternates), so
 load from other users of a shared machine hits both alike; the ratio printed is the median of the
 per-pair ratios. Each side first runs `--warmup` untimed steps, as a training loop never switches
-to another framework: timed right after a torch step, our step ran at about half its speed
-(its buffers' memory touched afresh), torch's did not change. The load average before and after is printed with it, and the ratio of CPU
-time per step (torch's over ours).
+to another framework: timed right after a torch step, our step ran at about half its speed,
+torch's did not change. The load average before and after is printed with it, and the ratio of
+CPU time per step (torch's over ours).
 """
 from __future__ import annotations
 
