@@ -84,8 +84,7 @@ def compile_in_child(folder: str) -> str | None:
   then compiles)."""
   path = os.path.join(folder, 'programs.pkl')
   r = subprocess.run([sys.executable, *sys.orig_argv[1:], f'--save_programs={path}',
-                      '--nocompile_in_child'], capture_output=True, text=True,
-                     env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+                      '--nocompile_in_child'], capture_output=True, text=True)
   if r.returncode == 0 and os.path.isfile(path):
     return path
   if r.returncode != BAD_INPUT:
@@ -108,6 +107,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   check_flags()
   if _SAVE_PROGRAMS.value:
+    # Set before JAX is imported: no programs from the persistent cache (Sampler.save_compiled).
+    os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
     try:
       return run(None)
     except SystemExit as e:
@@ -124,12 +125,9 @@ def run(programs: str | None) -> None:
   """Samples as the flags ask; `programs`: the file of a --save_programs child (None: compile
   here). With --save_programs: only compiles and writes them."""
   # JAX is imported only now, after the child compiled (see the module docstring).
-  import jax
   from sampling.sampler import Sampler, stream_text
   from text.chat import prompt_ids
   from workdir.load import open_workdir, restore
-  if _SAVE_PROGRAMS.value:   # before JAX runs anything: see Sampler.save_compiled
-    jax.config.update('jax_enable_compilation_cache', False)
   try:
     opened = open_workdir(_WORKDIR.value)
   except WorkdirError as e:

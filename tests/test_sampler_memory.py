@@ -137,8 +137,7 @@ def test_sample_py_compiles_in_a_child_process_with_the_same_output(trained, tmp
   assert 'warning' not in too_long.stderr
 
   programs = str(tmp_path / 'programs')
-  saved = run_cli(*args, f'--save_programs={programs}', '--nocompile_in_child',
-                  env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+  saved = run_cli(*args, f'--save_programs={programs}', '--nocompile_in_child')
   assert saved.returncode == 0 and saved.stdout == '', saved.stderr[-2000:]
   loaded = load_workdir(workdir)
   prompts = [np.frombuffer(b'def ', np.uint8).astype(np.int32)] * 2
