@@ -135,7 +135,7 @@ def window_batches(windows: grain.MapDataset, batch_size: int, *, process_index:
   """Endless windows -> this process's share in training batches (see train_dataset)."""
   ds = windows[process_index::process_count]
   ds = ds.batch(batch_size // process_count, drop_remainder=True).map(_to_example)
-  ids = ds.to_iter_dataset()
+  ids = packing.read_ahead(ds)
   if num_workers > 0:
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ids

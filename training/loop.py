@@ -121,7 +121,8 @@ class Setup:
                                 # with LoRA the params become `frozen`, fresh adapters train
   train_step: callable
   eval_step: callable
-  schedule: callable
+  schedule: callable             # step -> learning rate, jitted: one program, not an eager op
+                                 # (and its compilation) per operation of optax's schedule
 
 
 def setup(config, devices=None) -> Setup:
@@ -170,8 +171,7 @@ def setup(config, devices=None) -> Setup:
                         out_shardings=shardings, donate_argnums=0)
   return Setup(config, mesh, graphdef, abstract, shardings,
                jax.jit(in_mesh(create_state), out_shardings=shardings), from_params, train_step,
-               eval_step,
-               optim.learning_rate_schedule(config.train))
+               eval_step, jax.jit(optim.learning_rate_schedule(config.train)))
 
 
 def evaluate(s: Setup, params, batches: list) -> float:

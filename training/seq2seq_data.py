@@ -236,10 +236,10 @@ def load(config, tok: Tokenizer, *, process_index: int = 0, process_count: int =
     raise DataError(f'data.task={d.task!r} is not an encoder-decoder task.')
   ds, rows = ds[process_index::process_count], t.batch_size // process_count
   if d.packing:   # pairs share rows; held-out examples stay one a row (exact match decodes them)
-    train_ds = packing.pack_examples(ds.to_iter_dataset(), d.source_len, d.seq_len,
+    train_ds = packing.pack_examples(packing.read_ahead(ds, rows), d.source_len, d.seq_len,
                                      pad_id=tok.pad_id).batch(rows, drop_remainder=True)
   else:
-    train_ds = ds.batch(rows, drop_remainder=True).to_iter_dataset()
+    train_ds = packing.read_ahead(ds.batch(rows, drop_remainder=True))
   if d.num_workers > 0:
     train_ds = train_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   evals = eval_batches(held_out, t.batch_size, t.eval_batches)
