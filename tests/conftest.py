@@ -12,17 +12,18 @@ os.environ.setdefault('LMX_NO_REEXEC', '1')  # subprocess CLIs inherit the test'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lmx-jax-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-# The XLA:CPU flags the CLIs set (workdir/hostenv.py), so that in-process runs compile the same
-# kernels as the CLI subprocesses they are compared with bitwise (set before JAX initialises).
-from workdir import hostenv  # noqa: E402
-
-hostenv.configure_xla_cpu()
 # LLVM code generation at -O0 without its expensive passes (jax's `disable_most_optimizations`;
 # XLA's HLO passes, fusion and scheduling are unchanged, and so is what is computed): compiling
 # is 2-3x cheaper (tiny model's init 4.0 -> 1.4 CPU-s, train step 4.4 -> 2.0) and the tests'
 # programs run few steps. An environment variable, so the CLIs the tests launch inherit it even
 # where a test sets its own XLA_FLAGS. JAX_DISABLE_MOST_OPTIMIZATIONS=0 tests optimised code.
+# With it, workdir/hostenv.py also picks XLA's cheaper-to-compile emitters (its docstring).
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# The XLA:CPU flags the CLIs set (workdir/hostenv.py), so that in-process runs compile the same
+# kernels as the CLI subprocesses they are compared with bitwise (set before JAX initialises).
+from workdir import hostenv  # noqa: E402
+
+hostenv.configure_xla_cpu()
 # Token caches of the tests' corpora (data.cache_dir's default) in /tmp, not the user's home.
 os.environ.setdefault('LMX_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'lmx-token-cache-{os.getuid()}'))

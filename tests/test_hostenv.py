@@ -1,5 +1,6 @@
 """workdir/hostenv.py: the XLA:CPU flags it sets change the kernels, not what the train step
 computes (loss and gradients equal with and without them, to fp32 round-off)."""
+import functools
 import json
 import os
 
@@ -31,6 +32,7 @@ print(json.dumps({'xla_flags': __import__('os').environ.get('XLA_FLAGS', ''), 'l
 '''
 
 
+@functools.cache   # the default flags' run serves both parametrisations
 def _run(xla_flags: str) -> dict:
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_ENABLE_COMPILATION_CACHE='false')
   r = run_cli('-c', SCRIPT, env=env)
@@ -39,6 +41,7 @@ def _run(xla_flags: str) -> dict:
 
 
 def test_configure_xla_cpu_adds_flags_once_and_keeps_the_users(monkeypatch):
+  monkeypatch.delenv('JAX_DISABLE_MOST_OPTIMIZATIONS', raising=False)
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
   hostenv.configure_xla_cpu()
   hostenv.configure_xla_cpu()
@@ -48,12 +51,21 @@ def test_configure_xla_cpu_adds_flags_once_and_keeps_the_users(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', user)
   hostenv.configure_xla_cpu()
   assert os.environ['XLA_FLAGS'] == user   # the user's own choice wins
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')   # cheap compilation asked for
+  monkeypatch.setenv('XLA_FLAGS', '')
+  hostenv.configure_xla_cpu()
+  assert os.environ['XLA_FLAGS'].split() == [*hostenv.XLA_CPU_FLAGS,
+                                             *hostenv.CHEAP_COMPILE_XLA_CPU_FLAGS]
 
 
 @pytest.mark.slow
-def test_xla_cpu_flags_keep_loss_and_gradients():
-  default, tuned = _run(''), _run(' '.join(hostenv.XLA_CPU_FLAGS))
-  assert tuned['xla_flags'] == ' '.join(hostenv.XLA_CPU_FLAGS) and default['xla_flags'] == ''
+@pytest.mark.parametrize('flags', [hostenv.XLA_CPU_FLAGS,
+                                   (*hostenv.XLA_CPU_FLAGS, *hostenv.CHEAP_COMPILE_XLA_CPU_FLAGS)],
+                         ids=['tuned', 'tuned+cheap_compile'])
+def test_xla_cpu_flags_keep_loss_and_gradients(flags):
+  """Also the cheap-compile flags the tests run under: what they test is what users compute."""
+  default, tuned = _run(''), _run(' '.join(flags))
+  assert tuned['xla_flags'] == ' '.join(flags) and default['xla_flags'] == ''
   np.testing.assert_allclose(tuned['loss'], default['loss'], rtol=1e-6)
   assert len(tuned['grads']) == len(default['grads'])
   for a, b in zip(tuned['grads'], default['grads']):
