@@ -32,8 +32,8 @@ hostenv.ensure_fast_malloc()
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.llama_pair import (our_config, random_tokens, torch_loss,  # noqa: E402
-                                   torch_model_and_optimizer)
+from benchmarks.llama_pair import (  # noqa: E402
+    cpu_description, our_config, random_tokens, torch_loss, torch_model_and_optimizer)
 
 _THREADS = flags.DEFINE_integer('threads', 1, 'Cores (and threads) for each side.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed repetitions of each phase.')
@@ -204,8 +204,8 @@ def main(argv):
   load = os.getloadavg()[0]
   tf, tb, to, tparts = torch_side(_STEPS.value)
   f, fb, o, st, parts = ours(_STEPS.value)
-  print(f'{_THREADS.value} core(s), load average {load:.2f} before, {os.getloadavg()[0]:.2f} '
-        f'after; CPU ms per step (median of {_STEPS.value})')
+  print(f'{_THREADS.value} core(s) of {cpu_description()}, load average {load:.2f} before, '
+        f'{os.getloadavg()[0]:.2f} after; CPU ms per step (median of {_STEPS.value})')
   print(f'  ours (attention={_ATTENTION.value!r}): forward+loss {f:.0f}, backward {fb - f:.0f}, '
         f'clip+AdamW {o:.0f} (each jitted alone); whole step {st:.0f}')
   print(f'  torch: forward+loss {tf:.0f}, backward {tb:.0f}, clip+AdamW {to:.0f}; whole step '

@@ -32,8 +32,8 @@ hostenv.ensure_fast_malloc()
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.llama_pair import (our_config, random_tokens, torch_loss,  # noqa: E402
-                                   torch_model_and_optimizer)
+from benchmarks.llama_pair import (  # noqa: E402
+    cpu_description, our_config, random_tokens, torch_loss, torch_model_and_optimizer)
 
 _PAIRS = flags.DEFINE_integer('pairs', 7, 'Interleaved (ours, torch) timing pairs.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Train steps timed per side in each pair.')
@@ -168,7 +168,7 @@ def main(argv):
   print(f'ours: jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {info["torch"]} '
         f'({info["threads"]} threads), transformers {info["transformers"]} LlamaForCausalLM (sdpa)')
   print(f'load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; '
-        f'{os.cpu_count()} cores')
+        f'{os.cpu_count()} cores of {cpu_description()}')
   print('pairs (tokens/s ours / torch): ' + ', '.join(
       f'{o:,.0f}/{t:,.0f}' for o, t in zip(ours, theirs)))
   print(f'ours {np.median(ours):,.0f} tokens/s, torch {np.median(theirs):,.0f} tokens/s; '
