@@ -15,7 +15,9 @@ measured single-threaded in interleaved pairs on a loaded 2-core machine
 With jax's JAX_DISABLE_MOST_OPTIMIZATIONS set (compile cheaply, run slowly: the test suite sets
 it), `CHEAP_COMPILE_XLA_CPU_FLAGS` are added too: XLA's elemental emitters instead of its fusion
 emitters halve the CPU time of compiling a train step at -O0 (tiny model 1.8 -> 0.9 CPU-s, the
-README's tiny Llama 3.6 -> 1.75).
+README's tiny Llama 3.6 -> 1.75); the compiled step runs slower (the default model's, optimised,
+~14%: 0.72x torch instead of 0.84x in benchmarks/train_vs_torch.py), which few-step tests
+never notice.
 
 Sampling adds `SAMPLING_XLA_CPU_FLAGS`: XLA:CPU computes bf16 dots in f32 from an f32 copy of each
 weight, and its default concurrency-optimised scheduler starts all those converts first, so a bf16
