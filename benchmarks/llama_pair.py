@@ -16,12 +16,13 @@ def cpu_description() -> str:
     info = open('/proc/cpuinfo').read()
   except OSError:
     return 'unknown CPU'
-  model = next((line.split(':', 1)[1].strip() for line in info.splitlines()
-                if line.startswith('model name')), 'unknown CPU')
-  flags = set(next((line.split(':', 1)[1].split() for line in info.splitlines()
-                    if line.startswith('flags')), []))
+  fields = {}   # the first processor's fields (every core repeats them)
+  for line in info.splitlines():
+    key, _, value = line.partition(':')
+    fields.setdefault(key.strip(), value.strip())
+  flags = set(fields.get('flags', '').split())
   ext = [e for e in ('avx2', 'fma', 'avx512f', 'amx_tile') if e in flags]
-  return f'{model} ({", ".join(ext) or "no AVX2"})'
+  return f'{fields.get("model name", "unknown CPU")} ({", ".join(ext) or "no AVX2"})'
 
 
 def random_tokens(seed: int, batch: int, seq: int) -> np.ndarray:
