@@ -31,7 +31,7 @@ threads (XLA's dispatch threads), and in the main thread's arena above `mmap_thr
 32 MiB), so every step the kernel mapped and zeroed those pages again (~600 faults and ~90 ms of
 the ~1 s of CPU time per step; `clear_page` led the perf profile). Allocated by the main thread
 with `mmap_max=0` and trimming off, the block stays in the heap and is reused: ~0 faults, and
-7.5K -> 8.2K tokens/s in benchmarks/train_vs_torch.py, 14.1K -> 16.4K for the default config's
+7.4K -> 8.6K tokens/s in benchmarks/train_vs_torch.py, 14.1K -> 16.4K for the default config's
 train.py on 2 cores. The process keeps its peak heap rather than returning freed memory to the
 OS, as a training run holds that peak every step anyway.
 
