@@ -11,7 +11,7 @@ parameter bytes compiling here, 1.40x with the child).
 """
 from workdir import hostenv
 
-hostenv.ensure_fast_malloc(sampling=True)
+hostenv.ensure_fast_malloc('sample')
 
 import os
 import subprocess

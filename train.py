@@ -15,7 +15,7 @@ import sys
 
 from workdir import hostenv
 
-hostenv.ensure_fast_malloc(training=True)
+hostenv.ensure_fast_malloc('train')
 
 from absl import app, flags, logging
 from ml_collections import config_flags

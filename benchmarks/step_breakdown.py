@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workdir import hostenv  # noqa: E402
 
-hostenv.ensure_fast_malloc(training=True)
+hostenv.ensure_fast_malloc('train')
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

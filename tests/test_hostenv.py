@@ -77,7 +77,7 @@ def test_xla_cpu_flags_keep_loss_and_gradients():
 FAULTS = '''
 import json, os, resource, sys
 from workdir import hostenv
-hostenv.ensure_fast_malloc(training=sys.argv[1] == 'training')
+hostenv.ensure_fast_malloc('train' if sys.argv[1] == 'training' else 'default')
 import jax, jax.numpy as jnp
 def f(x):
   a, b = jax.lax.optimization_barrier((jnp.sin(x), jnp.cos(x)))
@@ -95,7 +95,7 @@ print(json.dumps({'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 '''
 
 
-@pytest.mark.skipif(not hostenv._glibc(), reason='glibc malloc tunables')
+@pytest.mark.skipif(not hostenv.has_glibc_malloc(), reason='glibc malloc tunables')
 def test_training_setup_reuses_step_temporaries_instead_of_faulting_them_in_again():
   """With TRAINING_TUNABLES and inline dispatch each call reuses the heap pages of the previous
   call's temporaries; with the default set the kernel maps and zeroes them again every call."""

@@ -23,7 +23,7 @@ README's tiny Llama 3.6 -> 1.75); the compiled step runs slower (the default mod
 ~14%: 0.72x torch instead of 0.84x in benchmarks/train_vs_torch.py), which few-step tests
 never notice.
 
-Training (`ensure_fast_malloc(training=True)`) adds `TRAINING_TUNABLES` and runs JAX's CPU
+Training (`ensure_fast_malloc('train')`) adds `TRAINING_TUNABLES` and runs JAX's CPU
 computations inline instead of on its dispatch threads. XLA:CPU allocates a step's temporaries as
 one block (559 MiB for the default model's step in benchmarks/train_vs_torch.py) and frees it
 after the step. glibc serves a block that large with mmap: always in the arenas of non-main
@@ -82,25 +82,31 @@ def configure_xla_cpu(flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
     os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
 
 
-def ensure_fast_malloc(sampling: bool = False, training: bool = False) -> None:
-  """Re-executes this process with `TUNABLES` set (Linux/glibc only; a no-op elsewhere).
+WORKLOADS = ('default', 'train', 'sample')
 
-  sampling: `SAMPLING_TUNABLES` and `SAMPLING_XLA_CPU_FLAGS` instead (sample.py).
-  training: `TRAINING_TUNABLES`, and JAX's CPU dispatch made synchronous (train.py and the
-    training benchmarks). Must run before JAX initialises its backends.
-  Set LMX_NO_REEXEC=1 to opt out of the re-exec. Also applies `configure_xla_cpu` (inherited by
-  the re-exec).
+
+def ensure_fast_malloc(workload: str = 'default') -> None:
+  """Re-executes this process with the malloc tunables of `workload` set (Linux/glibc only; a
+  no-op elsewhere), and adds its XLA:CPU flags (`configure_xla_cpu`, inherited by the re-exec).
+
+  workload: 'default' (`TUNABLES`, `XLA_CPU_FLAGS`); 'train' (`TRAINING_TUNABLES`, and JAX's CPU
+    dispatch made synchronous: train.py and the training benchmarks); 'sample'
+    (`SAMPLING_TUNABLES`, `SAMPLING_XLA_CPU_FLAGS`: sample.py).
+  Must run before JAX initialises its backends. Set LMX_NO_REEXEC=1 to opt out of the re-exec.
   """
-  configure_xla_cpu(SAMPLING_XLA_CPU_FLAGS if sampling else XLA_CPU_FLAGS)
-  tunables = SAMPLING_TUNABLES if sampling else TRAINING_TUNABLES if training else TUNABLES
+  if workload not in WORKLOADS:
+    raise ValueError(f'ensure_fast_malloc: workload {workload!r} is not one of {WORKLOADS}')
+  configure_xla_cpu(SAMPLING_XLA_CPU_FLAGS if workload == 'sample' else XLA_CPU_FLAGS)
+  tunables = {'default': TUNABLES, 'train': TRAINING_TUNABLES,
+              'sample': SAMPLING_TUNABLES}[workload]
   current = os.environ.get('GLIBC_TUNABLES', '')
   missing = [t for t in tunables if t.split('=')[0] not in current]
-  if _glibc() and missing and not os.environ.get('LMX_NO_REEXEC'):
+  if has_glibc_malloc() and missing and not os.environ.get('LMX_NO_REEXEC'):
     env = dict(os.environ, GLIBC_TUNABLES=':'.join(t for t in (current, *missing) if t))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-  if training:
+  if workload == 'train':
     import jax   # the main thread then allocates each step's temporaries (module docstring)
     jax.config.update('jax_cpu_enable_async_dispatch', False)
 
@@ -111,9 +117,10 @@ def release_free_memory() -> None:
   Collects Python's garbage first: a restore leaves reading buffers in reference cycles (150M
   bf16 Llama: 25-45 MiB more released)."""
   gc.collect()
-  if _glibc():
+  if has_glibc_malloc():
     ctypes.CDLL(None).malloc_trim(0)
 
 
-def _glibc() -> bool:
+def has_glibc_malloc() -> bool:
+  """Whether this process runs on Linux with glibc, whose malloc the tunables configure."""
   return sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
