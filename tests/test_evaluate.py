@@ -37,14 +37,14 @@ TASKS = ['lmx_python']   # the tag of the three shipped tasks
 @pytest.fixture(scope='module')
 def llama(tmp_path_factory):
   """(transformers model, its tokenizer, our workdir imported from the saved folder)."""
-  test_hf = pytest.importorskip('tests.test_hf')
+  hf_models = pytest.importorskip('tests.hf_models')
   pytest.importorskip('accelerate')   # lm-eval's HF backend imports it
   import transformers
   from interop.convert import import_hf
   folder = str(tmp_path_factory.mktemp('hf_llama'))
-  model = test_hf.make_hf_model('llama')   # max_position_embeddings 128: rolling windows
+  model = hf_models.make_hf_model('llama')   # max_position_embeddings 128: rolling windows
   model.save_pretrained(folder)
-  test_hf.write_tokenizer(folder, 'post_processor')   # adds BOS, as Llama 3's does
+  hf_models.write_tokenizer(folder, 'post_processor')   # adds BOS, as Llama 3's does
   workdir = str(tmp_path_factory.mktemp('wd_llama') / 'run')
   import_hf(folder, workdir)
   return model, transformers.AutoTokenizer.from_pretrained(folder), workdir

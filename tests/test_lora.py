@@ -126,7 +126,7 @@ def llama(tmp_path_factory):
   """A tiny random transformers Llama, imported, then LoRA-trained 4 steps; with the base
   parameters and the step-0 manifest as they were before training."""
   pytest.importorskip('peft')
-  from tests.test_hf import TEXT, make_hf_model, write_tokenizer
+  from tests.hf_models import TEXT, make_hf_model, write_tokenizer
   from interop.convert import import_hf
   root = tmp_path_factory.mktemp('lora_llama')
   hf_dir, wd = str(root / 'hf'), str(root / 'wd')

@@ -117,7 +117,7 @@ def checkout(tmp_path_factory):
   _write_corpus(root)
   try:
     import transformers
-    from tests.test_hf import COMMON, FAMILIES, TEXT, write_tokenizer
+    from tests.hf_models import COMMON, FAMILIES, TEXT, write_tokenizer
   except (ImportError, pytest.skip.Exception):
     return root   # no torch/transformers: the HF commands fail and say why
   for i in range(4):
