@@ -7,6 +7,7 @@ import pytest
 from configs import default, schema
 from configs.schema import ConfigError
 from tests.conftest import ROOT
+from workdir import resume
 
 
 @pytest.mark.parametrize('variant', ['tiny', 'small', 'medium'])
@@ -61,7 +62,7 @@ def test_json_round_trip_and_shape_differences(tiny_config):
   config = tiny_config()
   assert schema.from_json(schema.to_json(config)).to_dict() == config.to_dict()
   other = tiny_config({'model.d_model': 128, 'model.num_kv_heads': 1, 'train.steps': 99})
-  assert schema.shape_differences(config, other) == [
+  assert resume.shape_differences(config, other) == [
       'model.d_model: 64 (saved) != 128', 'model.num_kv_heads: 2 (saved) != 1']
 
 

@@ -22,16 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import schema
 from training.state import TrainState
 from workdir import checkpoints as ckpts
-from workdir import integrity
+from workdir import integrity, resume
 from workdir.files import WorkdirError, config_path, load_config
 
 def check_resume(workdir: str, config) -> list[str] | None:
   """None when `workdir` holds no run yet; else the elastic changes ('train.steps: 200 -> 400')
   with which `config` continues the run there. Raises WorkdirError naming every fixed field
-  that differs (configs.schema.RESUME_ELASTIC lists what may change). A run whose newest
+  that differs (workdir.resume.RESUME_ELASTIC lists what may change). A run whose newest
   checkpoint holds no data position (an imported model's step 0) may change everything but the
   model's parameter shapes: its training starts there."""
   if not os.path.isfile(config_path(workdir)):
@@ -42,7 +41,7 @@ def check_resume(workdir: str, config) -> list[str] | None:
   steps = Checkpointer.steps(workdir)
   fresh = not steps or not os.path.isdir(os.path.join(workdir, 'checkpoints', str(steps[-1]),
                                                       'data'))
-  fixed, elastic = schema.resume_differences(load_config(workdir), config, fresh_start=fresh)
+  fixed, elastic = resume.resume_differences(load_config(workdir), config, fresh_start=fresh)
   if fixed:
     what = 'a different model' if all(f.startswith('model.') for f in fixed) else 'a different run'
     raise WorkdirError(f'--workdir={workdir} holds {what}; refusing to resume it with: '
