@@ -196,8 +196,8 @@ class Attention(nnx.Module):
       return self.attend_context(x, self.context_cache(context, context_mask))
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.rope:
-      rope_pos = (jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if positions is None
-                  else positions)
+      # Default positions as [1, T]: the rotation angles are computed once, not once per row.
+      rope_pos = jnp.arange(x.shape[1])[None] if positions is None else positions
       q = positional.apply_rope(q, rope_pos, self.rope_theta, scaling=self.rope_scaling)
       k = positional.apply_rope(k, rope_pos, self.rope_theta, scaling=self.rope_scaling)
     window = None if self.sliding_window is None else (self.sliding_window - 1, 0)

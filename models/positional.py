@@ -68,12 +68,12 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float,
   """Rotates channel pairs (i, i + H/2) of x [B, T, N, H] by angle position * inv_freq[i].
 
   The half-split pairing is the one Llama-family checkpoints use (Hugging Face `rotate_half`),
-  so their q/k weights load without a permutation. positions: [B, T] ints.
+  so their q/k weights load without a permutation. positions: [B|1, T] ints.
   """
   h = x.shape[-1]
   if inv_freq is None:
     inv_freq = rope_inv_frequencies(h, theta, scaling)
-  angles = positions[..., None].astype(jnp.float32) * inv_freq      # [B, T, H/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq      # [B|1, T, H/2]
   cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
