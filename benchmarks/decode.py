@@ -1,6 +1,6 @@
 """Decode speed and KV-cache memory of the cached sampler (CPU, fp32), measured in one run.
 
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/decode.py
+  .venv/bin/python benchmarks/decode.py
 
 Models: configs/default.py:small (2 layers, d_model 256, 8 heads / 2 KV heads) and :medium
 (8 layers, d_model 512, 8 / 2 heads), random init, greedy. Prints:
@@ -21,6 +21,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workdir import hostenv  # noqa: E402
+
+hostenv.ensure_fast_malloc('sample')   # sample.py's malloc and XLA:CPU set-up: what users get
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

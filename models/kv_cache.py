@@ -29,14 +29,14 @@ same pytree, filled once by `prefill` with the encoder's keys and values and onl
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models.attention import (attention_mask, choose_implementation, dot_product_attention,
-                              head_major_attention)
+from models.attention import attention_mask, choose_implementation, dot_product_attention
 
 VIEW_BLOCK, VIEW_GROWTH = 128, 1.25   # cache lengths the sampler allocates: see view_sizes
 SLOT_AXES = (3, 2, 1)   # the slot axis of LayerCache.buffers(): k [B, K, H, S], v [B, K, S, H], pos
@@ -185,8 +185,9 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
   filled: number of slots in use, all in a prefix (a full cache). When given, one decode token
   goes to `decode_kernel` on a GPU, which reads only the filled blocks; elsewhere every slot is
   read (empty ones masked), so callers keep S close to the filled length (see `grow`).
-  scale, logits_soft_cap: as in `dot_product_attention`, whose 'xla' reference runs on the
-  cache's own layout (`head_major_attention`) when it is the implementation chosen.
+  scale, logits_soft_cap: as in `dot_product_attention`. When its 'xla' reference is the
+  implementation chosen, the same softmax runs on the cache's own layout
+  (`_stored_layout_attention`).
   """
   local = None if window is None else (window - 1, 0)
   if decode_kernel_supported(q, cache, backend=jax.default_backend(), window=window,
@@ -200,22 +201,44 @@ def attend(q: jax.Array, positions: jax.Array, cache: LayerCache, *, window: int
     chosen = choose_implementation(q, k, is_causal=True, local_window=local, positions=True,
                                    mask=True, soft_cap=logits_soft_cap is not None)
   if chosen == 'xla':   # the reference formulation, on the cache's own layout
-    def reference(q, positions, cache):
-      mask = attention_mask(q.shape[0], q.shape[1], cache.size, is_causal=True,
-                            local_window_size=local, query_positions=positions,
-                            key_positions=cache.pos)
-      cap = None if logits_soft_cap is None else float(logits_soft_cap)
-      return head_major_attention(q, cache.k, cache.v, None, mask,
-                                  q.shape[-1] ** -0.5 if scale is None else scale, cap,
-                                  keys_transposed=True)
-
+    attention = functools.partial(_stored_layout_attention, local=local,
+                                  scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                  cap=logits_soft_cap)
     # Padding queries (position -1) attend to nothing: zeros. Skipping an all-padding batch in
     # a conditional also keeps the cache's in-place update out of the attention's fusions:
     # reading a bitcast of the updated buffer (a batch-1 cache's dot drops the unit dimension)
     # made XLA:CPU copy the whole cache every decode step.
-    return jax.lax.cond(jnp.any(positions >= 0), reference, lambda q, *_: jnp.zeros_like(q),
+    return jax.lax.cond(jnp.any(positions >= 0), attention, lambda q, *_: jnp.zeros_like(q),
                         q, positions, cache)
   return dot_product_attention(q, k, v, mask=(pos >= 0)[:, None, None, :], is_causal=True,
                                local_window_size=local, query_positions=positions,
                                key_positions=pos, implementation=implementation, scale=scale,
                                logits_soft_cap=logits_soft_cap)
+
+
+def _stored_layout_attention(q: jax.Array, positions: jax.Array, cache: LayerCache, *, local,
+                             scale: float, cap: float | None) -> jax.Array:
+  """What `head_major_attention` computes (the reference's masked softmax), on the cache's layout
+  and with fewer passes over the [.., S] scores, which a decode step's cost grows with: the scale
+  is applied to the queries, the softmax is normalised after the [G, S] x [S, H] product (on
+  [G, H]), and a query sees at least its own slot unless it is padding (position -1: zeros), so
+  no per-row "anything visible" reduction is needed. q: [B, T, N, H] -> [B, T, N, H]."""
+  b, t, n, h = q.shape
+  k, s = cache.k.shape[1], cache.size
+  g = n // k
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).astype(cache.k.dtype)
+  qs = qs.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  logits = jnp.einsum('bkqh,bkhs->bkqs', qs, cache.k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, k, g, t, s)
+  if cap is not None:
+    logits = jnp.tanh(logits / jnp.float32(cap)) * jnp.float32(cap)
+  visible = attention_mask(b, t, s, is_causal=True, local_window_size=local,
+                           query_positions=positions, key_positions=cache.pos)[:, :, None]
+  peak = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
+  weights = jnp.where(visible, jnp.exp(logits - peak), 0.0)            # [B, K, G, T, S]
+  total = jnp.sum(weights, axis=-1, keepdims=True)                      # [B, K, G, T, 1]
+  out = jnp.einsum('bkqs,bksh->bkqh', weights.reshape(b, k, g * t, s).astype(cache.v.dtype),
+                   cache.v, preferred_element_type=jnp.float32).reshape(b, k, g, t, h)
+  real = (positions >= 0)[:, None, None, :, None]
+  out = jnp.where(real, out / jnp.where(real, total, 1.0), 0.0)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

@@ -119,9 +119,8 @@ def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: ja
   return _sample(state, logits[:, -1], 0)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'chunk'), donate_argnames=('state',))
-def decode_chunk(graphdef, params, state: SamplingState, *,
-                 chunk: int) -> tuple[SamplingState, jax.Array]:
+def _decode_chunk(graphdef, params, state: SamplingState, *,
+                  chunk: int) -> tuple[SamplingState, jax.Array]:
   """Up to `chunk` decode steps: (state, tokens [B, chunk], -1 where nothing was made)."""
   b = state.token.shape[0]
 
@@ -146,6 +145,29 @@ def decode_chunk(graphdef, params, state: SamplingState, *,
   _, state, out = jax.lax.while_loop(
       cond, body, (jnp.int32(0), state, jnp.full((b, chunk), -1, jnp.int32)))
   return state, out
+
+
+# Compiler options of the decode loop, by backend. XLA:CPU's own dot emitter packs the whole key
+# cache [H, S] again for each decode token's [G, H] x [H, S] scores; with YNNPACK's dots and
+# reductions (options of this program only: prefill keeps the XLA:CPU set-up whose memory
+# figures workdir/hostenv.py describes) the attention of configs/default.py:small over 1152
+# slots ran ~2x faster in isolation, and its per-token time from context 128 to 1024 grew
+# 1.16-1.33x instead of 1.42-1.47x (benchmarks/decode.py, 2-core AMD EPYC).
+DECODE_COMPILER_OPTIONS = {
+    'cpu': {'xla_cpu_experimental_ynn_fusion_type':
+            'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}}
+
+
+@functools.cache
+def _decode_jit(backend: str):
+  return jax.jit(_decode_chunk, static_argnames=('graphdef', 'chunk'), donate_argnames=('state',),
+                 compiler_options=DECODE_COMPILER_OPTIONS.get(backend))
+
+
+def decode_program():
+  """`_decode_chunk` jitted (state donated) with the default backend's
+  `DECODE_COMPILER_OPTIONS`: call it as decode_program()(graphdef, params, state, chunk=C)."""
+  return _decode_jit(jax.default_backend())
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len'))
@@ -221,7 +243,7 @@ class Sampler:
             g, self.params, cache, cache_len=length).compile()
         state = state.replace(cache=jax.eval_shape(
             functools.partial(grow_cache, g, cache_len=length), self.params, cache))
-      self.compiled[('decode', batch, length, self.chunk)] = decode_chunk.lower(
+      self.compiled[('decode', batch, length, self.chunk)] = decode_program().lower(
           g, self.params, state, chunk=self.chunk).compile()
 
   def save_compiled(self, path: str) -> None:
@@ -318,7 +340,7 @@ class Sampler:
         state = state.replace(cache=self._run(grow, grow_cache, state.cache,
                                               cache_len=allocated))
         self._done_with(grow)
-      state, out = self._run(('decode', b, allocated, self.chunk), decode_chunk, state,
+      state, out = self._run(('decode', b, allocated, self.chunk), decode_program(), state,
                              chunk=self.chunk)
       index += self.chunk
       yield np.asarray(out)

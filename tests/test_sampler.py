@@ -295,10 +295,10 @@ def test_no_recompilation_within_a_prompt_bucket(tiny_model):
   sampler = Sampler(graphdef, params, max_len=256, chunk=8, min_bucket=16)
   rng = np.random.RandomState(6)
   sampler.generate([rng.randint(0, 256, 9)], max_new_tokens=20)   # compiles (or finds) them
-  sizes = (sampler_lib.prefill._cache_size(), sampler_lib.decode_chunk._cache_size())
+  sizes = (sampler_lib.prefill._cache_size(), sampler_lib.decode_program()._cache_size())
   for n in (10, 12, 13, 16):
     sampler.generate([rng.randint(0, 256, n)], max_new_tokens=20, temperature=0.5, top_k=n)
-  assert (sampler_lib.prefill._cache_size(), sampler_lib.decode_chunk._cache_size()) == sizes
+  assert (sampler_lib.prefill._cache_size(), sampler_lib.decode_program()._cache_size()) == sizes
 
 
 def test_decode_updates_the_cache_in_place(tiny_model):
@@ -309,7 +309,7 @@ def test_decode_updates_the_cache_in_place(tiny_model):
       jnp.array([-1]), sampler_lib.SamplingControls(temperature=jnp.float32(0),
                                                     top_k=jnp.int32(0), top_p=jnp.float32(1)),
       jnp.int32(0), cache_len=512)
-  hlo = sampler_lib.decode_chunk.lower(graphdef, params, state, chunk=8).compile().as_text()
+  hlo = sampler_lib.decode_program().lower(graphdef, params, state, chunk=8).compile().as_text()
   shapes = {'f32[1,2,16,512]', 'f32[1,2,512,16]', 's32[1,512]'}   # k, v, pos
   assert 'f32[1,2,16,512]' in hlo and 'f32[1,2,512,16]' in hlo
   copies = [line for line in hlo.splitlines()

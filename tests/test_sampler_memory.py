@@ -45,7 +45,7 @@ args = (graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), jnp.arr
         jnp.array([-1]), controls, jnp.int32(0))
 pre = S.prefill.lower(*args, cache_len=128).compile()
 state, _ = S.prefill(*args, cache_len=128)
-dec = S.decode_chunk.lower(graphdef, params, state, chunk=8).compile()
+dec = S.decode_program().lower(graphdef, params, state, chunk=8).compile()
 sizes = [math.prod(x.shape) * 4 for x in jax.tree.leaves(params)]
 print(json.dumps({'prefill': pre.memory_analysis().temp_size_in_bytes,
                   'decode': dec.memory_analysis().temp_size_in_bytes,

@@ -41,7 +41,9 @@ Sampling adds `SAMPLING_XLA_CPU_FLAGS`: XLA:CPU computes bf16 dots in f32 from a
 weight, and its default concurrency-optimised scheduler starts all those converts first, so a bf16
 model's prefill held an f32 copy of every weight at once (478 MiB of temporaries for a 150M Llama);
 the memory-minimising scheduler converts each weight just before its dot (96 MiB, the largest
-weight). jax 0.10 ignores this option in `jax.jit(compiler_options=...)`, hence the flag.
+weight). jax 0.10 ignores this option in `jax.jit(compiler_options=...)`, hence the flag. The
+decode loop itself is compiled with YNNPACK dots and reductions
+(`sampling.sampler.DECODE_COMPILER_OPTIONS`, an option jax does pass on).
 """
 from __future__ import annotations
 
