@@ -8,14 +8,14 @@
 
 Prompts of different lengths share a batch: they are left-padded (position -1, never attended
 to) to a length bucket, a power of two >= `min_bucket`, so new prompt lengths rarely compile.
-`prefill` runs every prompt at once and samples the first token; `decode_chunk` is one jit
+`prefill` runs every prompt at once and samples the first token; `decode_program()` is one jit
 whose `lax.while_loop` makes up to `chunk` tokens, stopping early once every row has met its stop
 token or its max_new_tokens; its state (the cache included) is donated, so the cache is updated
 in place. The loop carries one `SamplingState` (its fields list every array with its shape).
 Attention reads every slot of the KV cache (models/kv_cache.py), so the cache is kept just long
 enough for the next chunk: one of `kv_cache.view_sizes` (multiples of 128 growing by ~1.25x, up
 to a power of two >= bucket + max_new_tokens), grown by `grow_cache` between chunks. A decode
-step then costs O(filled length); each cache length compiles `decode_chunk` once. Sampling
+step then costs O(filled length); each cache length compiles the decode program once. Sampling
 controls are traced: changing them never recompiles. Step i samples with
 `fold_in(key(seed), i)`, so results do not depend on the chunk size. `Sampler.compile` builds a
 request shape's programs ahead of time, also against abstract parameters (`Sampler.schedule`
@@ -104,7 +104,7 @@ def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array, max_new: ja
             cache_len: int) -> tuple[SamplingState, jax.Array]:
   """tokens: [B, P] left-padded, lengths [B], max_new [B], eos [B] (-1: none), seed [] int32.
 
-  Returns (state, first tokens [B]); state feeds `decode_chunk`.
+  Returns (state, first tokens [B]); state feeds `decode_program()`.
   """
   model = _merge(graphdef, params)
   b, p = tokens.shape
