@@ -56,9 +56,9 @@ print(json.dumps({'prefill': pre.memory_analysis().temp_size_in_bytes,
 def test_bf16_sampling_never_holds_an_f32_copy_of_all_weights():
   """XLA:CPU computes bf16 dots from f32 copies of the weights. With sample.py's XLA flags
   (workdir/hostenv.py) prefill converts each weight just before its dot, and the decode program
-  keeps the converts inside its loop: their temporaries stay near the largest weight's f32 size. With
-  jax's default scheduler (or the converts hoisted out of the loop) they hold all of the f32
-  copies at once, the f32 size of the whole model (8 MB here)."""
+  keeps the converts inside its loop: their temporaries stay near the largest weight's f32 size.
+  With jax's default scheduler (or the converts hoisted out of the loop) they hold all of the
+  f32 copies at once, the f32 size of the whole model (8 MB here)."""
   t = _compiled_temporaries(_BF16_TEMPS)
   assert t['f32_params'] > 20 * t['f32_largest']   # the bound below tells the two apart
   assert t['prefill'] < 2 * t['f32_largest'], t
