@@ -220,25 +220,29 @@ def _stored_layout_attention(q: jax.Array, positions: jax.Array, cache: LayerCac
                              scale: float, cap: float | None) -> jax.Array:
   """What `head_major_attention` computes (the reference's masked softmax), on the cache's layout
   and with fewer passes over the [.., S] scores, which a decode step's cost grows with: the scale
-  is applied to the queries, the softmax is normalised after the [G, S] x [S, H] product (on
-  [G, H]), and a query sees at least its own slot unless it is padding (position -1: zeros), so
-  no per-row "anything visible" reduction is needed. q: [B, T, N, H] -> [B, T, N, H]."""
+  is applied to the queries, the scores keep the [B, K, G*T, S] layout of the products, the
+  softmax is normalised after the [G, S] x [S, H] product (on [G, H]), and a query sees at least
+  its own slot unless it is padding (position -1: zeros), so no per-row "anything visible"
+  reduction is needed. q: [B, T, N, H] -> [B, T, N, H]."""
   b, t, n, h = q.shape
   k, s = cache.k.shape[1], cache.size
   g = n // k
   qs = (q.astype(jnp.float32) * jnp.float32(scale)).astype(cache.k.dtype)
   qs = qs.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   logits = jnp.einsum('bkqh,bkhs->bkqs', qs, cache.k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, k, g, t, s)
   if cap is not None:
     logits = jnp.tanh(logits / jnp.float32(cap)) * jnp.float32(cap)
+  # Scores stay [B, K, G*T, S] (rows: g major, t minor), so no reshape copies them.
   visible = attention_mask(b, t, s, is_causal=True, local_window_size=local,
-                           query_positions=positions, key_positions=cache.pos)[:, :, None]
-  peak = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
-  weights = jnp.where(visible, jnp.exp(logits - peak), 0.0)            # [B, K, G, T, S]
-  total = jnp.sum(weights, axis=-1, keepdims=True)                      # [B, K, G, T, 1]
-  out = jnp.einsum('bkqs,bksh->bkqh', weights.reshape(b, k, g * t, s).astype(cache.v.dtype),
-                   cache.v, preferred_element_type=jnp.float32).reshape(b, k, g, t, h)
-  real = (positions >= 0)[:, None, None, :, None]
-  out = jnp.where(real, out / jnp.where(real, total, 1.0), 0.0)
+                           query_positions=positions, key_positions=cache.pos)   # [B, 1, T, S]
+  visible = jnp.tile(visible, (1, 1, g, 1)) if t > 1 else visible
+  logits = jnp.where(visible, logits, -jnp.inf)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  peak = jnp.where(peak > -jnp.inf, peak, 0.0)   # a padding row (nothing visible): no NaNs
+  weights = jnp.exp(logits - peak)                                      # [B, K, G*T, S]
+  total = jnp.sum(weights, axis=-1, keepdims=True)                      # [B, K, G*T, 1]
+  out = jnp.einsum('bkqs,bksh->bkqh', weights.astype(cache.v.dtype), cache.v,
+                   preferred_element_type=jnp.float32)                  # [B, K, G*T, H]
+  real = jnp.tile((positions >= 0)[:, None, :, None], (1, 1, g, 1))     # [B, 1, G*T, 1]
+  out = jnp.where(real, out / jnp.where(real, total, 1.0), 0.0).reshape(b, k, g, t, h)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
