@@ -29,8 +29,15 @@ def filter_logits(logits: jnp.ndarray, top_k, top_p) -> jnp.ndarray:
 
 def sample_tokens(rng: jax.Array, logits: jnp.ndarray, temperature, top_k=0,
                   top_p=1.0) -> jnp.ndarray:
-  """[B, V] fp32 logits -> [B] int32 tokens. temperature == 0 is greedy (argmax)."""
-  greedy = jnp.argmax(logits, axis=-1)
-  scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
-  sampled = jax.random.categorical(rng, scaled, axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  """[B, V] fp32 logits -> [B] int32 tokens. temperature == 0 is greedy (argmax).
+
+  temperature, top_k, top_p: scalars. Greedy decoding, and sampling with top-k and top-p off,
+  skip `filter_logits` (its sort over the vocabulary) in a `lax.cond`."""
+  def sample(logits):
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda x: filter_logits(x, top_k, top_p),
+                            lambda x: x, scaled)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, sample,
+                      lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), logits)
