@@ -151,8 +151,9 @@ def _decode_chunk(graphdef, params, state: SamplingState, *,
 # cache [H, S] again for each decode token's [G, H] x [H, S] scores; with YNNPACK's dots and
 # reductions (options of this program only: prefill keeps the XLA:CPU set-up whose memory
 # figures workdir/hostenv.py describes) the attention of configs/default.py:small over 1152
-# slots ran ~2x faster in isolation, and its per-token time from context 128 to 1024 grew
-# 1.16-1.33x instead of 1.42-1.47x (benchmarks/decode.py, 2-core AMD EPYC).
+# slots ran ~2x faster in isolation, and (with kv_cache's leaner softmax) a decode step at
+# context 1024 cost ~0.04-0.09 ms more than at 128 instead of ~0.12 (benchmarks/decode.py,
+# 2-core AMD EPYC).
 DECODE_COMPILER_OPTIONS = {
     'cpu': {'xla_cpu_experimental_ynn_fusion_type':
             'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}}
