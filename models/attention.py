@@ -167,18 +167,15 @@ def xla_attention(query, key, value, bias, mask, scale, logits_soft_cap=None):
                               bias, mask, scale, logits_soft_cap)
 
 
-def head_major_attention(query, key, value, bias, mask, scale, logits_soft_cap=None, *,
-                         keys_transposed: bool = False):
-  """`xla_attention` of query [B, T, N, H] over head-major key, value [B, K, S, H]; with
-  keys_transposed, key is [B, K, H, S] (the KV cache's layout, models/kv_cache.py: a decode
-  token's scores are then a plain [G, H] x [H, S] matmul, which XLA:CPU runs ~3x faster than
-  one contracting the minor dimension of both operands). bias, mask: [B|1, N|1, T, S]."""
+def head_major_attention(query, key, value, bias, mask, scale, logits_soft_cap=None):
+  """`xla_attention` of query [B, T, N, H] over head-major key, value [B, K, S, H].
+  bias, mask: [B|1, N|1, T, S]. (The KV cache's own layout, keys [B, K, H, S], has its decode
+  formulation in models/kv_cache.py.)"""
   b, t, n, h = query.shape
   k, s = key.shape[1], value.shape[2]
   g = n // k
   q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-  logits = jnp.einsum('bkqh,bkhs->bkqs' if keys_transposed else 'bkqh,bksh->bkqs', q, key,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum('bkqh,bksh->bkqs', q, key, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, k, g, t, s) * jnp.float32(scale)
   if logits_soft_cap is not None:
     logits = jnp.tanh(logits / jnp.float32(logits_soft_cap)) * jnp.float32(logits_soft_cap)

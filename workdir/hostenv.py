@@ -84,23 +84,24 @@ def configure_xla_cpu(flags: tuple[str, ...] = XLA_CPU_FLAGS) -> None:
     os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
 
 
-WORKLOADS = ('default', 'train', 'sample')
+# workload -> (malloc tunables, XLA:CPU flags); see `ensure_fast_malloc`.
+WORKLOADS = {'default': (TUNABLES, XLA_CPU_FLAGS), 'train': (TRAINING_TUNABLES, XLA_CPU_FLAGS),
+             'sample': (SAMPLING_TUNABLES, SAMPLING_XLA_CPU_FLAGS)}
 
 
 def ensure_fast_malloc(workload: str = 'default') -> None:
   """Re-executes this process with the malloc tunables of `workload` set (Linux/glibc only; a
   no-op elsewhere), and adds its XLA:CPU flags (`configure_xla_cpu`, inherited by the re-exec).
 
-  workload: 'default' (`TUNABLES`, `XLA_CPU_FLAGS`); 'train' (`TRAINING_TUNABLES`, and JAX's CPU
-    dispatch made synchronous: train.py and the training benchmarks); 'sample'
-    (`SAMPLING_TUNABLES`, `SAMPLING_XLA_CPU_FLAGS`: sample.py).
+  workload: a key of `WORKLOADS`: 'default', 'train' (train.py and the training benchmarks;
+    also makes JAX's CPU dispatch synchronous) or 'sample' (sample.py).
   Must run before JAX initialises its backends. Set LMX_NO_REEXEC=1 to opt out of the re-exec.
   """
   if workload not in WORKLOADS:
-    raise ValueError(f'ensure_fast_malloc: workload {workload!r} is not one of {WORKLOADS}')
-  configure_xla_cpu(SAMPLING_XLA_CPU_FLAGS if workload == 'sample' else XLA_CPU_FLAGS)
-  tunables = {'default': TUNABLES, 'train': TRAINING_TUNABLES,
-              'sample': SAMPLING_TUNABLES}[workload]
+    raise ValueError(f'ensure_fast_malloc: workload {workload!r} is not one of '
+                     f'{", ".join(WORKLOADS)}')
+  tunables, flags = WORKLOADS[workload]
+  configure_xla_cpu(flags)
   current = os.environ.get('GLIBC_TUNABLES', '')
   missing = [t for t in tunables if t.split('=')[0] not in current]
   if has_glibc_malloc() and missing and not os.environ.get('LMX_NO_REEXEC'):
