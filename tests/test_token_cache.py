@@ -135,6 +135,32 @@ def test_interrupted_build_continues_to_the_same_bytes(tmp_path, small_units, mo
   assert tree_bytes(token_cache.ensure(cfg, progress=False)) == whole
 
 
+def test_stale_temporaries_are_those_of_gone_writers(tmp_path):
+  """A killed build's temporaries are deleted on the rerun: its writer exited, is a zombie
+  (killed, not yet reaped) or its PID now belongs to a later process; a running writer's and
+  another host's are kept. Reference: the writer processes' states as this test made them."""
+  host = token_cache._HOST
+  me = os.getpid()
+  zombie = subprocess.Popen(['true'])
+  for _ in range(500):   # until it has exited (unreaped: a zombie)
+    if token_cache._process_start(zombie.pid) is None:
+      break
+    time.sleep(0.01)
+  exited = subprocess.Popen(['true'])
+  exited.wait()
+  names = {'live': f'a.tmp-{host}-{me}-{token_cache._process_start(me)}',
+           'reused': f'b.tmp-{host}-{me}-1',   # this PID, but a writer that started earlier
+           'zombie': f'c.tmp-{host}-{zombie.pid}-1',
+           'exited': f'd.tmp-{host}-{exited.pid}-1',
+           'other host': f'e.tmp-{host}x-{exited.pid}-1', 'not a temporary': 'f.json'}
+  for name in names.values():
+    (tmp_path / name).write_bytes(b'')
+  token_cache._remove_stale_temporaries(str(tmp_path))
+  zombie.wait()
+  assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in ('live', 'other host',
+                                                                  'not a temporary'))
+
+
 def test_cache_name_follows_content_not_training_settings(tmp_path):
   files, _ = make_corpus(tmp_path)
   cfg = data_cfg(tmp_path, files)

@@ -114,7 +114,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _write(path: str, data: bytes) -> str:
   """Writes under a temporary name, renames; returns the sha256 of `data`."""
-  tmp = f'{path}.tmp-{_HOST}-{os.getpid()}'   # several hosts may share the cache directory
+  pid = os.getpid()   # several hosts may share the cache directory; see _alive for the start
+  tmp = f'{path}.tmp-{_HOST}-{pid}-{_process_start(pid) or ""}'
   with open(tmp, 'wb') as f:
     f.write(data)
   os.replace(tmp, path)
@@ -221,17 +222,41 @@ def _complete_shards(shard_dir: str, fields, itemsize: int) -> dict[int, dict]:
 
 
 def _remove_stale_temporaries(*folders: str) -> None:
-  """Deletes this host's `*.tmp-HOST-PID` files whose writer is gone (a killed build)."""
+  """Deletes this host's `*.tmp-HOST-PID-START` files whose writer is gone (a killed build)."""
   for folder in folders:
     for name in os.listdir(folder):
-      host, _, pid = name.rpartition('.tmp-')[2].rpartition('-')
-      if '.tmp-' in name and host == _HOST and pid.isdigit() and not _alive(int(pid)):
+      host, _, writer = name.rpartition('.tmp-')[2].partition('-')
+      if '.tmp-' in name and host == _HOST and not _alive(writer):
         os.remove(os.path.join(folder, name))
 
 
-def _alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+  """The start time of process `pid` in clock ticks since boot (Linux), '' where /proc does not
+  tell, None when the process is gone or a zombie (killed, not yet reaped: it writes no more)."""
   try:
-    os.kill(pid, 0)
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rpartition(')')[2].split()   # after the command name, which may hold ' '
+  except FileNotFoundError:
+    return None
+  except OSError:
+    return ''
+  return None if fields[0] in ('Z', 'X') else fields[19]
+
+
+def _alive(writer: str) -> bool:
+  """Whether the process named by a temporary's `PID-START` suffix still runs. The start time
+  tells a killed writer from a later process that was given its PID (PIDs are reused: a
+  32768-PID machine cycles through them within a test run)."""
+  pid, _, start = writer.partition('-')
+  if not pid.isdigit():
+    return True   # not a name `_write` makes: leave it alone
+  now = _process_start(int(pid))
+  if now is None:
+    return False
+  if now and start:
+    return now == start
+  try:
+    os.kill(int(pid), 0)
   except ProcessLookupError:
     return False
   except PermissionError:
