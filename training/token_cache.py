@@ -233,6 +233,8 @@ def _remove_stale_temporaries(*folders: str) -> None:
 def _process_start(pid: int) -> str | None:
   """The start time of process `pid` in clock ticks since boot (Linux), '' where /proc does not
   tell, None when the process is gone or a zombie (killed, not yet reaped: it writes no more)."""
+  if not os.path.isdir('/proc/self'):
+    return ''
   try:
     with open(f'/proc/{pid}/stat') as f:
       fields = f.read().rpartition(')')[2].split()   # after the command name, which may hold ' '
