@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 _BIG = 1 << 29   # sentinel bound for empty tiles; differences of two stay inside int32

@@ -7,7 +7,6 @@ base is bitwise unchanged; the optimizer state covers the adapters only. Exact r
 turning LoRA on in a trained run use the tiny byte-level model; the encoder-decoder trains with
 adapters too.
 """
-import json
 import os
 import shutil
 

@@ -1,6 +1,5 @@
 """Pruned searches: the pruners' decisions on synthetic curves, and the runner stopping pruned
 trials of a search (a stand-in trainer writes synthetic metrics.jsonl files; no training)."""
-import json
 import os
 import sys
 

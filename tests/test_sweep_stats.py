@@ -153,7 +153,7 @@ def test_compare_workdirs_builds_the_same_table(seeded, tmp_path):
     os.makedirs(d / 'checkpoints' / '200')
     runs.append(str(d))
   out = str(tmp_path / 'cmp')
-  result = compare.run(runs, out)
+  compare.run(runs, out)
   with open(os.path.join(out, 'summary.csv')) as f:
     rows = list(csv.DictReader(f))
   assert [r['group'] for r in rows] == ['learning_rate=0.001', 'learning_rate=0.002']
