@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -114,8 +115,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _write(path: str, data: bytes) -> str:
   """Writes under a temporary name, renames; returns the sha256 of `data`."""
-  pid = os.getpid()   # several hosts may share the cache directory; see _alive for the start
-  tmp = f'{path}.tmp-{_HOST}-{pid}-{_process_start(pid) or ""}'
+  tmp = f'{path}.tmp-{_HOST}-{_writer(os.getpid())}'   # several hosts may share the directory
   with open(tmp, 'wb') as f:
     f.write(data)
   os.replace(tmp, path)
@@ -243,6 +243,13 @@ def _process_start(pid: int) -> str | None:
   except OSError:
     return ''
   return None if fields[0] in ('Z', 'X') else fields[19]
+
+
+@functools.cache
+def _writer(pid: int) -> str:
+  """The `PID-START` suffix of this process's temporaries (see `_alive`); keyed by PID, so a
+  forked child gets its own, and /proc is read once per process, not once per write."""
+  return f'{pid}-{_process_start(pid) or ""}'
 
 
 def _alive(writer: str) -> bool:
