@@ -5,18 +5,22 @@ BIN := $(VENV)/bin
 # The CPU build of torch is a test-time reference only (HF logit parity); pinned so pip
 # does not pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# ml_dtypes 0.7.0 (numpy 2.4) takes 0.5 s to import (its ufunc loop registration: quadratic
+# PyUFunc_AddLoop scans), 0.07 s for 0.6.0; every process that imports jax pays it (~150 test
+# subprocesses). A pin of this environment only: the package itself accepts what jax accepts.
+PINS ?= 'ml_dtypes<0.7'
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .PHONY: setup demo test bench
 
-$(VENV)/.core: pyproject.toml
+$(VENV)/.core: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) .
+	$(PIP) . $(PINS)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) '$(TORCH)' '.[test,hf,ray,search,wandb,eval]'
+	$(PIP) '$(TORCH)' '.[test,hf,ray,search,wandb,eval]' $(PINS)
 	touch $@
 
 setup: $(VENV)/.core
