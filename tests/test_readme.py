@@ -39,6 +39,10 @@ SKIPS = {
     '--backend=ray': 'tests/test_sweeps.py runs a sweep on the Ray backend (a trial whose losses '
                      "match the local backend's, a failing trial reported); here the command "
                      'would only start Ray to skip the trials the command before it finished',
+    'sweeps/scaling.py --workdir': "under this test's caps (3 trials, seed 0, one step) it trains "
+                                   'the same three widths as the `:quick` command after it, '
+                                   'through the same code; tests/test_sweeps.py validates all 10 '
+                                   'of its trials',
     '--tasks=hellaswag': "lm-eval's own tasks download their data from the Hugging Face hub "
                          '(no network here); the lmx_python command runs the shipped offline '
                          'tasks through the same code',

@@ -102,12 +102,18 @@ def test_unknown_key_fails_before_any_trial(tmp_path):
   assert not workdir.exists()  # nothing ran, nothing was written
 
 
-@pytest.mark.parametrize('sweep_file, count', [
-    ('kv_heads.py', 4), ('kv_heads.py:short', 8), ('kv_heads.py:quick', 2), ('positional.py', 3),
-    ('window.py', 3)])
+SHIPPED = [('kv_heads.py', 4), ('kv_heads.py:short', 8), ('kv_heads.py:quick', 2),
+           ('positional.py', 3), ('window.py', 3), ('scaling.py', 10), ('scaling.py:quick', 6)]
+
+
+@pytest.mark.parametrize('sweep_file, count', SHIPPED)
 def test_shipped_sweeps_validate(sweep_file, count):
+  """Every trial of every shipped grid sweep (and variant) resolves to a valid config; the
+  search (lr_search.py) is built in test_max_trials_env_caps_every_sweep_kind."""
   sweep = spec.load(os.path.join(ROOT, 'configs', 'sweeps', sweep_file))
   assert len(sweep.trials) == count
+  files = {f for f in os.listdir(os.path.join(ROOT, 'configs', 'sweeps')) if f.endswith('.py')}
+  assert files == {f.partition(':')[0] for f, _ in SHIPPED} | {'lr_search.py'}
 
 
 def test_max_trials_env_caps_every_sweep_kind(monkeypatch):
