@@ -268,6 +268,23 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+def kill_group_but_resource_tracker(child):
+  """SIGKILL to `child` (a session leader), then to every process of its group except
+  multiprocessing's resource tracker. The tracker outlives the others and unlinks the pool's
+  named semaphores, which killing it too would leave in /dev/shm on every run."""
+  os.kill(child.pid, signal.SIGKILL)   # first: a dead pool respawns no workers
+  child.wait()
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      if os.getpgid(int(pid)) != child.pid:
+        continue
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        if b'resource_tracker' not in f.read():
+          os.kill(int(pid), signal.SIGKILL)
+    except (ProcessLookupError, FileNotFoundError):
+      pass   # exited meanwhile
+
+
 def bpe_tokenizer(path, text_files):
   import tokenizers  # pylint: disable=import-outside-toplevel
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='<unk>'))
@@ -313,8 +330,7 @@ def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path):
       time.sleep(0.005)
     if target == 0:
       time.sleep(0.3)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_group_but_resource_tracker(child)
     assert not (path / 'manifest.json').exists(), 'the build finished before the kill'
   final = run(str(cache))
   out, err = final.communicate(timeout=300)
