@@ -46,9 +46,17 @@ def _tokens_per_sec(workdir: str) -> float:
 
 def main(argv):
   del argv
+  if _WORKDIR.value:
+    compare(_WORKDIR.value)
+  else:   # the runs are only read back for the table: nothing is left behind
+    with tempfile.TemporaryDirectory(prefix='lmx-packing-') as root:
+      compare(root)
+
+
+def compare(root: str) -> None:
+  """Trains both runs under `root` and prints the table."""
   base = _CONFIG.value
   steps = _STEPS.value
-  root = _WORKDIR.value or tempfile.mkdtemp(prefix='lmx-packing-')
   runs = {}
   for packing in (False, True):
     config = schema.apply_overrides(base, {

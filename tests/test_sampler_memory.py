@@ -164,7 +164,8 @@ def test_a_failing_compile_child_is_reported_and_sampling_goes_on():
       'import sys, tempfile, sample\n'
       'for child in ("sys.exit(\'boom\')", f"sys.exit({sample.BAD_INPUT})"):\n'
       '  sys.orig_argv = [sys.executable, "-c", "import sys; " + child]\n'
-      '  print(sample.compile_in_child(tempfile.mkdtemp()))\n')
+      '  with tempfile.TemporaryDirectory() as d:\n'
+      '    print(sample.compile_in_child(d))\n')
   r = run_cli('-c', script)
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ['None', 'None']
