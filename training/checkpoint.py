@@ -172,6 +172,7 @@ class Checkpointer:
     which step was used. Raises WorkdirError when no step restores.
     """
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    integrity.silence_abandoned_reads()
     problems = []
     for s in steps:
       problem = integrity.verify(self.step_dir(s))
@@ -181,7 +182,7 @@ class Checkpointer:
         except WorkdirError:  # the config does not describe this model: not damage
           raise
         except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
-          problem = f'restoring it failed: {type(e).__name__}: {str(e)[:300]}'
+          problem = f'restoring it failed: {integrity.restore_failure(e)}'
         else:
           if not integrity.has_manifest(self.step_dir(s)):  # committed, never checksummed
             problem = _nonfinite_leaf(state)

@@ -185,6 +185,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None) -> tu
   candidates = [step] if step is not None else steps(workdir)[::-1]
   if not candidates:
     raise WorkdirError(f'--workdir={workdir}: no checkpoint there yet.')
+  integrity.silence_abandoned_reads()
   problems = []
   for s in candidates:
     path = step_dir(workdir, s)
@@ -202,7 +203,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None) -> tu
       except WorkdirError:  # the config does not describe this model: not damage
         raise
       except Exception as e:  # noqa: BLE001  (whatever a damaged checkpoint raises)
-        problem = f'restoring it failed: {type(e).__name__}: {str(e)[:300]}'
+        problem = f'restoring it failed: {integrity.restore_failure(e)}'
     if problem is not None:
       problems.append((s, problem))
       continue

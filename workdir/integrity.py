@@ -3,13 +3,18 @@
 orbax commits a checkpoint atomically but stores no checksums: a truncated, deleted or flipped
 file in a committed step restores silently or fails deep inside tensorstore. After a step is
 committed, `write_manifest` records every file's size and sha256 in STEP/sha256.json;
-`verify` compares them again before a restore.
+`verify` compares them again before a restore. A step that fails anyway (committed but not yet
+sealed when the run was killed) is reported in one line by the restore loops, with
+`restore_failure` and `silence_abandoned_reads`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
+import types
 
 MANIFEST = 'sha256.json'
 
@@ -79,3 +84,54 @@ def quarantine(step_dir: str, workdir: str) -> str:
     target, n = f'{base}.{n}', n + 1
   os.replace(step_dir, target)
   return target
+
+
+def restore_failure(e: BaseException) -> str:
+  """One line for a failed restore: the innermost cause (tensorstore's, e.g. "OUT_OF_RANGE:
+  Error reading ... in OCDBT database at local file ...") rather than orbax's wrapper, whose
+  message carries a multi-line TensorStore spec."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:300] if lines else ""}'
+
+
+_ORBAX = f'{os.sep}orbax{os.sep}'
+
+
+def _abandoned_read(report) -> bool:
+  """Whether an unraisable-exception report echoes a read that a failed orbax restore abandoned:
+  its coroutine finalised, or its completion callback finding orbax's event loop closed."""
+  if isinstance(report.object, types.CoroutineType):
+    return _ORBAX in report.object.cr_code.co_filename
+  return isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == \
+      'Event loop is closed'
+
+
+def _keep_log(record: logging.LogRecord) -> bool:
+  """asyncio's logs but those of an abandoned orbax read's exception never retrieved."""
+  message = record.getMessage()
+  return not (message.startswith(('Task exception was never retrieved',
+                                  'Future exception was never retrieved'))
+              and (_ORBAX in message or 'OCDBT' in message))
+
+
+def silence_abandoned_reads() -> None:
+  """Drops, for the rest of the process, the reports of reads that a failed orbax restore
+  abandoned; the restore loops call it first. When one array of a damaged step fails to read,
+  orbax leaves the other reads running, and as they finish or are garbage collected, at any
+  later time, each reports its own error (the same bad read, a closed event loop, an exception
+  never retrieved): ~1,700 lines of tracebacks around the loop's one-line warning. Only those
+  reports are dropped (orbax's coroutines, callbacks finding a closed event loop, asyncio's
+  never-retrieved logs of orbax or OCDBT reads); others pass through. Idempotent."""
+  if getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(report):
+    if not _abandoned_read(report):
+      previous(report)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_keep_log)   # once: addFilter skips duplicates
