@@ -271,7 +271,12 @@ CHILD = textwrap.dedent('''
 def kill_group_but_resource_tracker(child):
   """SIGKILL to `child` (a session leader), then to every process of its group except
   multiprocessing's resource tracker. The tracker outlives the others and unlinks the pool's
-  named semaphores, which killing it too would leave in /dev/shm on every run."""
+  named semaphores, which killing it too would leave in /dev/shm on every run. Without /proc
+  (not Linux) the whole group is killed, tracker included."""
+  if not os.path.isdir('/proc/self'):
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    return
   os.kill(child.pid, signal.SIGKILL)   # first: a dead pool respawns no workers
   child.wait()
   for pid in filter(str.isdigit, os.listdir('/proc')):

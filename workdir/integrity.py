@@ -109,7 +109,7 @@ def _abandoned_read(report) -> bool:
 
 
 def _keep_log(record: logging.LogRecord) -> bool:
-  """asyncio's logs but those of an abandoned orbax read's exception never retrieved."""
+  """False for asyncio's "exception was never retrieved" log of an abandoned orbax read."""
   message = record.getMessage()
   return not (message.startswith(('Task exception was never retrieved',
                                   'Future exception was never retrieved'))
